@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): RSS and CPU time of `caretaker daemon` idle in a lab box for 60 s.
+# Targets: ≤ 12 MiB RSS, < 0.1 % CPU. Usage: bench/idle.sh [SECONDS]. Run as root after dev/setup.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+secs=${1:-60}
+cargo build --bins --locked --quiet
+box="ct-bench-idle-$$"
+trap 'dev/lab down "$box" >/dev/null 2>&1 || true' EXIT
+pid1=$(dev/lab up "$box" --no-services | sed -n 's/^pid1=//p')
+dev/lab exec "$box" systemctl start caretaker.service
+# The daemon's PID as seen from the host (the box shares our PID namespace's view through /proc).
+inner=$(dev/lab exec "$box" systemctl show -P MainPID caretaker.service)
+box_ns=$(readlink "/proc/$pid1/ns/pid")
+host_pid=""
+for p in $(pgrep -x caretaker); do
+  [ "$(readlink "/proc/$p/ns/pid" 2>/dev/null)" = "$box_ns" ] || continue
+  [ "$(awk '/^NSpid:/ {print $NF}' "/proc/$p/status")" = "$inner" ] && host_pid=$p
+done
+[ -n "$host_pid" ] || { echo "cannot find the daemon's host PID" >&2; exit 1; }
+hz=$(getconf CLK_TCK)
+ticks() { awk '{print $14 + $15}' "/proc/$host_pid/stat"; }
+t0=$(ticks); sleep "$secs"; t1=$(ticks)
+rss_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$host_pid/status")
+hwm_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$host_pid/status")
+awk -v t="$((t1 - t0))" -v hz="$hz" -v s="$secs" -v rss="$rss_kib" -v hwm="$hwm_kib" 'BEGIN {
+  cpu = t / hz; pct = 100 * cpu / s;
+  printf "caretaker daemon idle %d s: RSS %.1f MiB (peak %.1f MiB; target ≤ 12), CPU %.3f s = %.4f %% (target < 0.1 %%)\n", s, rss/1024, hwm/1024, cpu, pct }'

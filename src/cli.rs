@@ -1,0 +1,98 @@
+//! The command line. Help text is written for an operator at a shell on the box, or reading the
+//! output of an SSM Run Command.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "caretaker",
+    version,
+    about = "Looks after a single-box production stack: PostgreSQL, Redis and an HTTP API on one EC2 instance",
+    long_about = "caretaker boots the box (EBS data volume, secrets from SSM), supervises PostgreSQL, Redis and the \
+API through systemd, backs up to S3, and updates or restores on request.\n\n\
+The daemon (`caretaker daemon`, run by caretaker.service) owns the D-Bus name io.shtetl.Caretaker1 on the \
+system bus; the other commands are thin clients of it or one-shot tools.\n\n\
+Configuration: /etc/caretaker/caretaker.toml, then drop-ins /etc/caretaker/caretaker.d/*.toml and \
+/run/caretaker/caretaker.d/*.toml (later wins). See `caretaker config show` for the effective values.\n\n\
+Exit status: 0 success; 1 failure; 2 bad usage or invalid configuration; 3 daemon unreachable; \
+78 invalid configuration at daemon start.",
+    after_help = "Run `caretaker COMMAND --help` for the details of each command."
+)]
+pub struct Cli {
+    /// Read only this configuration file (no drop-ins). Default: the system layout.
+    #[arg(long, global = true, value_name = "PATH", env = "CARETAKER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// D-Bus address of the bus to use instead of the system bus (e.g. a lab box's bus socket).
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    pub bus_address: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (what caretaker.service starts; Type=notify with watchdog).
+    #[command(long_about = "Run the daemon in the foreground. It sends READY=1 to systemd once its configuration is \
+valid and it owns io.shtetl.Caretaker1 on the bus, STATUS= lines as it works, and WATCHDOG=1 from its main loop. \
+SIGHUP re-reads the configuration (an invalid one is refused and the old one kept); SIGTERM stops it \
+within 5 seconds. An invalid configuration at start exits with status 78.")]
+    Daemon,
+
+    /// Show what the daemon is doing.
+    #[command(long_about = "Ask the running daemon for its status over D-Bus and print it. Exits 3 when the daemon \
+cannot be reached, with the command to investigate.")]
+    Status(StatusArgs),
+
+    /// Ask the running daemon to re-read its configuration.
+    #[command(
+        long_about = "Ask the running daemon to re-read its configuration (same as `systemctl reload caretaker`). \
+If the new configuration is invalid the daemon keeps the old one and this command prints why and exits 2."
+    )]
+    Reload,
+
+    /// Check or show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON (for scripts) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a file, or the whole effective configuration; exit 0 if valid, 2 if not.
+    #[command(long_about = "Validate the configuration. With PATH, check that one file (a main file or a drop-in) on \
+its own; without, check the effective configuration: the main file and every drop-in, merged. Errors name the \
+file, line:column and key. Exit status 0 when valid, 2 when not.")]
+    Check {
+        /// A file to check on its own.
+        path: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration (secret-looking values redacted).
+    Show {
+        /// Print JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

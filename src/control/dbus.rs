@@ -1,0 +1,109 @@
+//! `io.shtetl.Caretaker1`: properties expose the daemon's status, methods ask it to act. Methods
+//! that change anything are allowed to root only, by the D-Bus policy in
+//! `packaging/dbus/io.shtetl.Caretaker1.conf`; properties and introspection are open to all.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use zbus::interface;
+
+/// Errors returned to D-Bus callers, as `io.shtetl.Caretaker1.Error.*`.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "io.shtetl.Caretaker1.Error")]
+pub enum ControlError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// The new configuration is invalid; the old one stays in force.
+    InvalidConfig(String),
+    /// The daemon is shutting down.
+    ShuttingDown(String),
+}
+
+/// A request from a D-Bus caller to the main loop, answered through the oneshot.
+#[derive(Debug)]
+pub enum Request {
+    Reload(oneshot::Sender<Result<(), String>>),
+}
+
+/// What the daemon tells anyone who asks. Kept small and cheap to clone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DaemonStatus {
+    pub state: String,
+    pub version: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub config_files: Vec<String>,
+    /// The last reload's outcome ("" before the first reload).
+    pub last_reload: String,
+}
+
+/// The object served at `/io/shtetl/Caretaker1`.
+pub struct Control {
+    status: Arc<Mutex<DaemonStatus>>,
+    requests: mpsc::Sender<Request>,
+}
+
+impl Control {
+    pub fn new(status: Arc<Mutex<DaemonStatus>>, requests: mpsc::Sender<Request>) -> Self {
+        Control { status, requests }
+    }
+
+    fn snapshot(&self) -> DaemonStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[interface(name = "io.shtetl.Caretaker1")]
+impl Control {
+    /// The daemon's state: starting, running, reloading, stopping.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.snapshot().state
+    }
+
+    /// caretaker's version.
+    #[zbus(property)]
+    fn version(&self) -> String {
+        self.snapshot().version
+    }
+
+    /// When this daemon process started (RFC 3339, UTC).
+    #[zbus(property)]
+    fn started_at(&self) -> String {
+        self.snapshot().started_at
+    }
+
+    /// The configuration files in force, in merge order.
+    #[zbus(property)]
+    fn config_files(&self) -> Vec<String> {
+        self.snapshot().config_files
+    }
+
+    /// Outcome of the last reload.
+    #[zbus(property)]
+    fn last_reload(&self) -> String {
+        self.snapshot().last_reload
+    }
+
+    /// The whole status as one JSON document (what `caretaker status --json` prints).
+    #[zbus(property)]
+    fn status_json(&self) -> String {
+        serde_json::to_string(&self.snapshot()).unwrap_or_default()
+    }
+
+    /// Re-reads the configuration. An invalid configuration is refused with
+    /// `io.shtetl.Caretaker1.Error.InvalidConfig` and the old one stays in force.
+    async fn reload(&self) -> Result<(), ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Reload(tx))
+            .await
+            .map_err(|_| ControlError::ShuttingDown("the daemon is shutting down".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(ControlError::InvalidConfig(msg)),
+            Err(_) => Err(ControlError::ShuttingDown("the daemon is shutting down".into())),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! `caretaker daemon`: one tokio runtime, one main loop. The loop owns the state machine, pings the
+//! watchdog (so a stuck loop fails it), handles signals and requests from the control plane.
+//! READY is sent once the configuration is valid and our bus name is owned — never waiting for AWS
+//! or the supervised services, so a daemon that cannot reach them still answers `status`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Loaded, Sources};
+use crate::control::dbus::{Control, DaemonStatus, Request};
+use crate::control::{self, BUS_NAME, OBJECT_PATH};
+use crate::logging::LevelHandle;
+use crate::systemd::notify::Notifier;
+
+/// How long shutdown waits for in-flight work after cancelling it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// The daemon's lifecycle. Every transition is checked against the allowed predecessors and
+/// mirrored into sd_notify `STATUS=` and the `State` property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonState {
+    Starting,
+    Running,
+    Reloading,
+    Stopping,
+}
+
+impl DaemonState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DaemonState::Starting => "starting",
+            DaemonState::Running => "running",
+            DaemonState::Reloading => "reloading",
+            DaemonState::Stopping => "stopping",
+        }
+    }
+
+    /// Whether `self → next` is a legal transition.
+    pub fn can_become(self, next: DaemonState) -> bool {
+        use DaemonState::*;
+        matches!((self, next), (Starting, Running) | (Running, Reloading) | (Reloading, Running) | (_, Stopping))
+    }
+}
+
+/// Why the daemon ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Exit with [`crate::exit::CONFIG`]: systemd must not restart us into the same error.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("cannot take the bus name {BUS_NAME}{}: {source}\n  check the D-Bus policy /usr/share/dbus-1/system.d/io.shtetl.Caretaker1.conf and that no other caretaker daemon runs", address.as_deref().map(|a| format!(" on {a}")).unwrap_or_default())]
+    Bus { address: Option<String>, source: zbus::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+struct Daemon {
+    state: DaemonState,
+    sources: Sources,
+    loaded: Loaded,
+    status: Arc<Mutex<DaemonStatus>>,
+    notifier: Notifier,
+    levels: LevelHandle,
+}
+
+impl Daemon {
+    fn transition_to(&mut self, next: DaemonState, detail: &str) {
+        assert!(self.state.can_become(next), "illegal daemon state transition {:?} → {:?}", self.state, next);
+        self.state = next;
+        let line = if detail.is_empty() { next.as_str().to_string() } else { format!("{}: {detail}", next.as_str()) };
+        self.update_status(|s| s.state = next.as_str().to_string());
+        match next {
+            DaemonState::Stopping => self.notifier.stopping(),
+            DaemonState::Reloading => {
+                self.notifier.reloading();
+                self.notifier.status(&line);
+            }
+            _ => self.notifier.status(&line),
+        }
+        info!(state = next.as_str(), "{line}");
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut DaemonStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Re-reads the configuration; on error the old one stays and the error is returned.
+    fn reload(&mut self) -> Result<(), String> {
+        self.transition_to(DaemonState::Reloading, "re-reading configuration");
+        let result = match config::load(&self.sources) {
+            Ok(loaded) => {
+                if loaded.config.daemon.bus_address != self.loaded.config.daemon.bus_address {
+                    warn!("daemon.bus-address changed; it takes effect at the next restart");
+                }
+                self.levels.set(loaded.config.daemon.log_level);
+                let files = file_list(&loaded.files);
+                info!(files = ?files, "configuration reloaded");
+                self.loaded = loaded;
+                self.update_status(|s| {
+                    s.config_files = files;
+                    s.last_reload = format!("ok at {}", now_rfc3339());
+                });
+                Ok(())
+            }
+            Err(e) => {
+                error!("reload refused, keeping the configuration in force: {e}");
+                let msg = e.to_string();
+                self.update_status(|s| s.last_reload = format!("failed at {}: {msg}", now_rfc3339()));
+                Err(msg)
+            }
+        };
+        self.transition_to(DaemonState::Running, "");
+        self.notifier.ready(&self.summary());
+        result
+    }
+
+    fn summary(&self) -> String {
+        format!("running: {} config file(s)", self.loaded.files.len())
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn file_list(files: &[PathBuf]) -> Vec<String> {
+    files.iter().map(|p| p.display().to_string()).collect()
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. `levels` comes from the logging set-up done by main.
+pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonError> {
+    let notifier = Notifier::from_env();
+    notifier.status("starting: loading configuration");
+    let loaded = match config::load(&sources) {
+        Ok(l) => l,
+        Err(e) => {
+            notifier.status(&format!("failed: invalid configuration: {e}"));
+            return Err(e.into());
+        }
+    };
+    levels.set(loaded.config.daemon.log_level);
+    info!(version = crate::VERSION, files = ?file_list(&loaded.files), "caretaker daemon starting");
+
+    let status = Arc::new(Mutex::new(DaemonStatus {
+        state: DaemonState::Starting.as_str().into(),
+        version: crate::VERSION.into(),
+        started_at: now_rfc3339(),
+        config_files: file_list(&loaded.files),
+        last_reload: String::new(),
+    }));
+    let (req_tx, mut req_rx) = mpsc::channel::<Request>(8);
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+
+    let address = loaded.config.daemon.bus_address.clone();
+    let bus_err = |source| DaemonError::Bus { address: address.clone(), source };
+    let connection = control::connect(address.as_deref())
+        .await
+        .and_then(|b| b.name(BUS_NAME)?.serve_at(OBJECT_PATH, Control::new(status.clone(), req_tx)))
+        .map_err(bus_err)?
+        .build()
+        .await
+        .map_err(bus_err)?;
+
+    let mut daemon = Daemon { state: DaemonState::Starting, sources, loaded, status, notifier, levels };
+    let iface = connection
+        .object_server()
+        .interface::<_, Control>(OBJECT_PATH)
+        .await
+        .map_err(|source| DaemonError::Bus { address: address.clone(), source })?;
+
+    daemon.transition_to(DaemonState::Running, &format!("owns {BUS_NAME}"));
+    daemon.notifier.ready(&daemon.summary());
+    let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
+
+    let cancel = CancellationToken::new();
+    // Background work (jobs, probes) is spawned here by later stages and cancelled on shutdown.
+    let mut tasks: JoinSet<()> = JoinSet::new();
+
+    let mut watchdog = daemon.notifier.watchdog_interval().map(|period| {
+        info!(period_ms = period.as_millis() as u64, "watchdog enabled");
+        let mut t = tokio::time::interval(period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+
+    loop {
+        tokio::select! {
+            _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
+                daemon.notifier.watchdog();
+            }
+            _ = sigterm.recv() => { info!("SIGTERM received"); break; }
+            _ = sigint.recv() => { info!("SIGINT received"); break; }
+            _ = sighup.recv() => {
+                info!("SIGHUP received: reloading configuration");
+                let _ = daemon.reload();
+                let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
+            }
+            Some(req) = req_rx.recv() => match req {
+                Request::Reload(reply) => {
+                    info!("reload requested over D-Bus");
+                    let _ = reply.send(daemon.reload());
+                    let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
+                }
+            },
+            Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = res { error!("background task failed: {e}"); }
+            }
+        }
+    }
+
+    daemon.transition_to(DaemonState::Stopping, "cancelling in-flight work");
+    cancel.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(res) = tasks.join_next().await {
+            if let Err(e) = res {
+                warn!("task ended badly during shutdown: {e}");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!("in-flight work did not stop within {SHUTDOWN_GRACE:?}; aborting it");
+        tasks.abort_all();
+    }
+    drop(connection);
+    info!("caretaker daemon stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DaemonState::*;
+
+    #[test]
+    fn transitions() {
+        assert!(Starting.can_become(Running));
+        assert!(Running.can_become(Reloading));
+        assert!(Reloading.can_become(Running));
+        assert!(Starting.can_become(Stopping));
+        assert!(Running.can_become(Stopping));
+        assert!(!Running.can_become(Starting));
+        assert!(!Starting.can_become(Reloading));
+        assert!(!Stopping.can_become(Running));
+    }
+}

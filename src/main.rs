@@ -1,0 +1,161 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use caretaker::cli::{Cli, Command, ConfigCommand, StatusArgs};
+use caretaker::config::{self, LogLevel, Sources};
+use caretaker::control::client::{Client, ClientError};
+use caretaker::{daemon, exit, logging};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    ExitCode::from(runtime.block_on(run(cli)))
+}
+
+async fn run(cli: Cli) -> u8 {
+    let sources = Sources::from_arg(cli.config.as_deref());
+    match cli.command {
+        Command::Daemon => {
+            let levels = logging::init(LogLevel::Info);
+            match daemon::run(sources, levels).await {
+                Ok(()) => exit::OK,
+                Err(e @ daemon::DaemonError::Config(_)) => {
+                    tracing::error!("{e}");
+                    exit::CONFIG
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    exit::FAILURE
+                }
+            }
+        }
+        Command::Status(args) => status(&cli_bus(&cli.bus_address, &sources), args).await,
+        Command::Reload => reload(&cli_bus(&cli.bus_address, &sources)).await,
+        Command::Config(ConfigCommand::Check { path, json }) => config_check(path, sources, json),
+        Command::Config(ConfigCommand::Show { json }) => config_show(&sources, json),
+    }
+}
+
+/// The bus to reach the daemon on: `--bus-address`, else the configuration's, else the system bus.
+fn cli_bus(flag: &Option<String>, sources: &Sources) -> Option<String> {
+    flag.clone().or_else(|| config::load(sources).ok().and_then(|l| l.config.daemon.bus_address))
+}
+
+fn client_exit(e: &ClientError) -> u8 {
+    match e {
+        ClientError::NotRunning { .. } | ClientError::Bus { .. } => exit::UNREACHABLE,
+        _ => exit::FAILURE,
+    }
+}
+
+async fn status(bus: &Option<String>, args: StatusArgs) -> u8 {
+    let result = match Client::connect(bus.as_deref()).await {
+        Ok(c) => c.status().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(s) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "daemon": s })).expect("json"));
+            } else {
+                println!("caretaker {} — {}", s.version, s.state);
+                println!("  started:  {}", s.started_at);
+                println!(
+                    "  config:   {}",
+                    if s.config_files.is_empty() { "(defaults only)".to_string() } else { s.config_files.join(", ") }
+                );
+                if !s.last_reload.is_empty() {
+                    println!("  reload:   {}", s.last_reload);
+                }
+            }
+            exit::OK
+        }
+        Err(e) => {
+            if args.json {
+                println!("{}", serde_json::json!({ "error": e.to_string(), "reachable": false }));
+            }
+            eprintln!("error: {e}");
+            client_exit(&e)
+        }
+    }
+}
+
+async fn reload(bus: &Option<String>) -> u8 {
+    let result = match Client::connect(bus.as_deref()).await {
+        Ok(c) => c.reload().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => {
+            println!("configuration reloaded");
+            exit::OK
+        }
+        Err(e @ ClientError::Refused { .. }) => {
+            eprintln!("error: {e}");
+            exit::USAGE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            client_exit(&e)
+        }
+    }
+}
+
+fn config_check(path: Option<std::path::PathBuf>, sources: Sources, json: bool) -> u8 {
+    let sources = path.map(Sources::file).unwrap_or(sources);
+    match config::load(&sources) {
+        Ok(loaded) => {
+            let files: Vec<String> = loaded.files.iter().map(|p| p.display().to_string()).collect();
+            if json {
+                println!("{}", serde_json::json!({ "valid": true, "files": files }));
+            } else if files.is_empty() {
+                println!("ok: no configuration files; the defaults apply");
+            } else {
+                println!("ok: {}", files.join(", "));
+            }
+            exit::OK
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({ "valid": false, "error": e.to_string() }));
+            }
+            eprintln!("error: {e}");
+            exit::USAGE
+        }
+    }
+}
+
+fn config_show(sources: &Sources, json: bool) -> u8 {
+    match config::load(sources) {
+        Ok(loaded) => {
+            let mut value = config::redacted(&loaded.config);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+            } else {
+                for f in &loaded.files {
+                    println!("# from {}", f.display());
+                }
+                config::without_nulls(&mut value);
+                match toml::to_string(&value) {
+                    Ok(t) => print!("{t}"),
+                    Err(e) => {
+                        eprintln!("error: cannot render the configuration as TOML: {e}");
+                        return exit::FAILURE;
+                    }
+                }
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::USAGE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! systemd integration.
+
+/// sd_notify: READY, STATUS, WATCHDOG, STOPPING.
+pub mod notify;

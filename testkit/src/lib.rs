@@ -1,0 +1,17 @@
+//! Test support for caretaker. Real parts wherever they can run here:
+//! a booted systemd in a container ([`lab`]), moto's server for S3/SSM/SES ([`moto`]),
+//! and an IMDSv2 fake that enforces tokens ([`imds`]), since moto does not.
+
+/// An IMDSv2 fake: tokens required, TTLs enforced, faults on request.
+pub mod imds;
+/// A throw-away box with a real systemd (systemd-nspawn over an overlay of the host root).
+pub mod lab;
+/// moto's server from the project venv, started on a free port, stopped by PID.
+pub mod moto;
+/// Free TCP ports on loopback and other small helpers.
+pub mod ports;
+
+/// The repository root (the folder holding the workspace Cargo.toml).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit lives in the repo").to_path_buf()
+}
