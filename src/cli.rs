@@ -42,6 +42,21 @@ SIGHUP re-reads the configuration (an invalid one is refused and the old one kep
 within 5 seconds. An invalid configuration at start exits with status 78.")]
     Daemon,
 
+    /// Prepare the box: instance identity, data volume, data directories, secrets (every boot).
+    #[command(long_about = "Prepare the box; caretaker-firstboot.service runs this on every boot, before PostgreSQL, \
+Redis and the API (their units Require= it). In order: read the instance identity with IMDSv2 and write \
+/run/caretaker/instance.env; find the data volume (volume.device), format it only if it is blank (no signature of \
+any kind and zeros in its first and last MiB), mount it at volume.mount-point, grow the filesystem to the volume \
+and record the volume in its marker file; create the services' data directories with the right owners and run \
+initdb for an empty PostgreSQL data directory; read the SSM parameters under secrets.ssm-path into env files under \
+secrets.env-dir (mode 0600, or 0640 to a configured group). Idempotent: a second run changes nothing; an \
+interrupted run is completed by the next. A volume with unrecognised contents is refused, never formatted.")]
+    Firstboot {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Show what the daemon is doing.
     #[command(long_about = "Ask the running daemon for its status over D-Bus and print it. Exits 3 when the daemon \
 cannot be reached, with the command to investigate.")]

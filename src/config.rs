@@ -28,6 +28,8 @@ pub struct Config {
     pub services: ServicesConfig,
     pub secrets: SecretsConfig,
     pub notify: NotifyConfig,
+    pub supervise: SuperviseConfig,
+    pub provision: ProvisionConfig,
 }
 
 /// The daemon itself.
@@ -212,7 +214,15 @@ pub struct PostgresService {
     /// Folder of the server's unix socket.
     pub socket_dir: PathBuf,
     pub port: u16,
+    /// Data directory; initialised with `initdb` at boot when empty, never touched otherwise
+    /// (beyond fixing its owner).
     pub data_dir: PathBuf,
+    /// The system user the server runs as.
+    pub user: String,
+    /// `initdb` to run for an empty data directory.
+    pub initdb: PathBuf,
+    /// Arguments for initdb besides `-D DIR`.
+    pub initdb_args: Vec<String>,
 }
 
 impl Default for PostgresService {
@@ -222,6 +232,11 @@ impl Default for PostgresService {
             socket_dir: "/run/postgresql".into(),
             port: 5432,
             data_dir: "/data/postgres".into(),
+            user: "postgres".into(),
+            initdb: "/usr/bin/initdb".into(),
+            initdb_args: ["--encoding=UTF8", "--locale=C.UTF-8", "--auth-local=peer", "--auth-host=scram-sha-256"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -233,6 +248,8 @@ pub struct RedisService {
     /// `redis://…` or `unix://…` URL of the server.
     pub url: String,
     pub data_dir: PathBuf,
+    /// The system user the server runs as.
+    pub user: String,
 }
 
 impl Default for RedisService {
@@ -241,6 +258,7 @@ impl Default for RedisService {
             unit: UnitName("redis.service".into()),
             url: "redis://127.0.0.1:6379".into(),
             data_dir: "/data/redis".into(),
+            user: "redis".into(),
         }
     }
 }
@@ -251,6 +269,10 @@ pub struct ApiService {
     pub unit: UnitName,
     /// Health endpoint, probed with GET; 200 means healthy.
     pub health_url: String,
+    /// With `health-json-value`: a field of the health answer's JSON (dots for nesting) that must
+    /// hold that value, e.g. `status` = `ok`.
+    pub health_json_field: Option<String>,
+    pub health_json_value: Option<String>,
     /// Where releases live: `releases/VERSION/` and the `current` symlink.
     pub install_dir: PathBuf,
 }
@@ -260,6 +282,8 @@ impl Default for ApiService {
         ApiService {
             unit: UnitName("zmanim-api.service".into()),
             health_url: "http://127.0.0.1:8080/health".into(),
+            health_json_field: None,
+            health_json_value: None,
             install_dir: "/opt/zmanim".into(),
         }
     }
@@ -352,13 +376,112 @@ pub struct EnvFileConfig {
     pub optional: Vec<String>,
 }
 
+/// How the daemon watches the services.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SuperviseConfig {
+    /// Supervise at all (false: the daemon only answers the control plane).
+    pub enabled: bool,
+    /// Start order at daemon start; each is waited for until healthy before the next.
+    pub order: Vec<ServiceKind>,
+    pub probe_interval: Seconds,
+    pub probe_timeout: Seconds,
+    /// Consecutive failed probes before a restart.
+    pub failures_before_restart: u32,
+    /// Restarts allowed within `restart-window`; one more and the service is Failed (an email
+    /// goes out and caretaker stops restarting it until it is healthy again).
+    pub max_restarts: u32,
+    pub restart_window: Seconds,
+    /// Wait after a restart before the next one, doubled each time up to `restart-backoff-max`.
+    pub restart_backoff: Seconds,
+    pub restart_backoff_max: Seconds,
+    /// How long a unit may take to become healthy after start or restart.
+    pub start_timeout: Seconds,
+}
+
+impl Default for SuperviseConfig {
+    fn default() -> Self {
+        SuperviseConfig {
+            enabled: true,
+            order: vec![ServiceKind::Postgres, ServiceKind::Redis, ServiceKind::Api],
+            probe_interval: Seconds::from_secs(10),
+            probe_timeout: Seconds::from_secs(5),
+            failures_before_restart: 2,
+            max_restarts: 3,
+            restart_window: Seconds::from_secs(600),
+            restart_backoff: Seconds::from_secs(5),
+            restart_backoff_max: Seconds::from_secs(300),
+            start_timeout: Seconds::from_secs(120),
+        }
+    }
+}
+
+/// The three supervised services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    Postgres,
+    Redis,
+    Api,
+}
+
+impl ServiceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceKind::Postgres => "postgres",
+            ServiceKind::Redis => "redis",
+            ServiceKind::Api => "api",
+        }
+    }
+}
+
+/// What is created in PostgreSQL once it is healthy, if missing. Nothing that exists is ever
+/// altered or dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ProvisionConfig {
+    pub enabled: bool,
+    /// The application's login role.
+    pub role: String,
+    /// Its database (owned by the role).
+    pub database: String,
+    /// The env file (a `[[secrets.file]]` name) and variable holding the role's password.
+    pub password_file: String,
+    pub password_var: String,
+    /// Extensions created in the database.
+    pub extensions: Vec<String>,
+}
+
+impl Default for ProvisionConfig {
+    fn default() -> Self {
+        ProvisionConfig {
+            enabled: true,
+            role: "zmanim".into(),
+            database: "zmanim".into(),
+            password_file: "zmanim-api".into(),
+            password_var: "DB_PASSWORD".into(),
+            extensions: vec!["postgis".into()],
+        }
+    }
+}
+
 /// Alert emails through SES.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct NotifyConfig {
     /// Verified SES sender; unset disables email (alerts are still logged and shown in status).
     pub sender: Option<String>,
     pub recipients: Vec<String>,
+    /// At most this many emails per hour; more are logged, not sent.
+    pub max_per_hour: u32,
+    /// Start of every subject line.
+    pub subject_prefix: String,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig { sender: None, recipients: vec![], max_per_hour: 12, subject_prefix: "[caretaker]".into() }
+    }
 }
 
 /// A duration written as `30s`, `5m`, `1h 30m` or a plain number of seconds.
@@ -624,6 +747,34 @@ fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> Result<(), 
     for r in &config.notify.recipients {
         if !email_ok(r) {
             return Err(fail("notify.recipients", format!("`{r}` is not an email address")));
+        }
+    }
+    let sup = &config.supervise;
+    if sup.probe_timeout >= sup.probe_interval {
+        return Err(fail("supervise.probe-timeout", "must be shorter than supervise.probe-interval".into()));
+    }
+    if sup.failures_before_restart == 0 {
+        return Err(fail("supervise.failures-before-restart", "must be at least 1".into()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if !sup.order.iter().all(|k| seen.insert(*k)) {
+        return Err(fail("supervise.order", "lists a service twice".into()));
+    }
+    if (config.services.api.health_json_field.is_some()) != (config.services.api.health_json_value.is_some()) {
+        return Err(fail(
+            "services.api.health-json-field",
+            "set both health-json-field and health-json-value, or neither".into(),
+        ));
+    }
+    let ident_ok = |s: &str| !s.is_empty() && s.len() < 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    for (key, v) in [("provision.role", &config.provision.role), ("provision.database", &config.provision.database)] {
+        if !ident_ok(v) {
+            return Err(fail(key, format!("`{v}` must be letters, digits and _ (at most 63)")));
+        }
+    }
+    for e in &config.provision.extensions {
+        if !ident_ok(&e.replace('-', "_")) {
+            return Err(fail("provision.extensions", format!("`{e}` is not an extension name")));
         }
     }
     if !config.notify.recipients.is_empty() && config.notify.sender.is_none() {

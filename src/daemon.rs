@@ -126,6 +126,67 @@ impl Daemon {
     }
 }
 
+/// Builds what supervision needs (the systemd client on our bus connection, alerts through SES)
+/// and runs it. Runs after READY: nothing here may hold up the control plane.
+async fn start_supervision(
+    cfg: Arc<crate::config::Config>,
+    conn: zbus::Connection,
+    status: Arc<Mutex<DaemonStatus>>,
+    cancel: CancellationToken,
+) {
+    let systemd = match crate::systemd::manager::Systemd::new(&conn).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!("supervision disabled: cannot talk to systemd: {e}");
+            return;
+        }
+    };
+    let alerts = build_alerts(&cfg).await;
+    crate::supervise::supervisor::supervise(cfg, systemd, alerts, status, cancel).await;
+}
+
+/// Alerts with an SES mailer when `notify.sender` is set. The region comes from the config, the
+/// instance.env firstboot wrote, or IMDS.
+pub async fn build_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts {
+    let instance = std::fs::read_to_string("/run/caretaker/instance.env").unwrap_or_default();
+    let var = |k: &str| instance.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_string);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let origin = match var("INSTANCE_ID") {
+        Some(id) if !id.is_empty() => format!("{id} ({host})"),
+        _ => host,
+    };
+    let mailer = match &cfg.notify.sender {
+        None => None,
+        Some(from) => {
+            let region = match cfg.aws.region.clone().or_else(|| var("REGION").filter(|r| !r.is_empty())) {
+                Some(r) => Some(r),
+                None => {
+                    let imds = crate::aws::imds::ImdsClient::new(&cfg.aws.imds_endpoint, cfg.aws.imds_deadline.get());
+                    match imds.identity_document().await {
+                        Ok(doc) => Some(doc.region),
+                        Err(e) => {
+                            error!("alert emails disabled: no region (set aws.region): {e}");
+                            None
+                        }
+                    }
+                }
+            };
+            match region {
+                Some(region) => {
+                    let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
+                    Some(crate::notify::Mailer {
+                        ses: crate::aws::ses::SesClient::new(crate::aws::sdk::ses_client(&sdk, &cfg.aws)),
+                        from: from.clone(),
+                        to: cfg.notify.recipients.clone(),
+                    })
+                }
+                None => None,
+            }
+        }
+    };
+    crate::notify::Alerts::new(mailer, &cfg.notify.subject_prefix, &origin, cfg.notify.max_per_hour)
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
@@ -154,6 +215,8 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         started_at: now_rfc3339(),
         config_files: file_list(&loaded.files),
         last_reload: String::new(),
+        services: vec![],
+        incidents: vec![],
     }));
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(8);
 
@@ -183,8 +246,18 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
 
     let cancel = CancellationToken::new();
-    // Background work (jobs, probes) is spawned here by later stages and cancelled on shutdown.
+    // Background work (supervision, jobs) runs in these tasks and is cancelled on shutdown.
     let mut tasks: JoinSet<()> = JoinSet::new();
+    if daemon.loaded.config.supervise.enabled {
+        let cfg = Arc::new(daemon.loaded.config.clone());
+        let (conn, status, cancel) = (connection.clone(), daemon.status.clone(), cancel.clone());
+        tasks.spawn(async move { start_supervision(cfg, conn, status, cancel).await });
+    } else {
+        info!("supervision is off (supervise.enabled = false)");
+    }
+    let mut status_tick = tokio::time::interval(Duration::from_secs(2));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_summary = String::new();
 
     let mut watchdog = daemon.notifier.watchdog_interval().map(|period| {
         info!(period_ms = period.as_millis() as u64, "watchdog enabled");
@@ -212,6 +285,16 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
                     let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
                 }
             },
+            _ = status_tick.tick() => {
+                let summary = {
+                    let s = daemon.status.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::supervise::supervisor::summary(&s.services)
+                };
+                if summary != last_summary && daemon.state == DaemonState::Running {
+                    daemon.notifier.status(&format!("running: {summary}"));
+                    last_summary = summary;
+                }
+            }
             Some(res) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = res { error!("background task failed: {e}"); }
             }

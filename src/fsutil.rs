@@ -59,6 +59,22 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32, owner: Owner) -> Re
     result
 }
 
+/// Like [`write_atomic`], but leaves the file alone when its content and mode are already
+/// right. Returns whether it wrote.
+pub fn write_if_changed(path: &Path, contents: &[u8], mode: u32, owner: Owner) -> Result<bool, FsError> {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(meta), Ok(existing)) = (fs::symlink_metadata(path), fs::read(path))
+        && meta.is_file()
+        && meta.mode() & 0o7777 == mode
+        && owner.is_none_or(|(u, g)| meta.uid() == u && meta.gid() == g)
+        && existing == contents
+    {
+        return Ok(false);
+    }
+    write_atomic(path, contents, mode, owner)?;
+    Ok(true)
+}
+
 /// fsyncs a folder so that a rename in it survives a crash.
 pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync folder", dir))
@@ -80,6 +96,18 @@ mod tests {
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary files left");
+    }
+
+    #[test]
+    fn unchanged_files_are_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.env");
+        assert!(write_if_changed(&p, b"X=1\n", 0o644, None).unwrap());
+        let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&p).unwrap());
+        assert!(!write_if_changed(&p, b"X=1\n", 0o644, None).unwrap());
+        assert_eq!(std::os::unix::fs::MetadataExt::ino(&fs::metadata(&p).unwrap()), ino);
+        assert!(write_if_changed(&p, b"X=1\n", 0o600, None).unwrap(), "mode change rewrites");
+        assert!(write_if_changed(&p, b"X=2\n", 0o600, None).unwrap());
     }
 
     #[test]

@@ -39,9 +39,16 @@ impl Response {
     }
 }
 
+/// A pooled client (cheap to clone).
 #[derive(Clone)]
 pub struct Client {
     inner: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("http::Client")
+    }
 }
 
 impl Default for Client {

@@ -22,6 +22,12 @@ pub mod fsutil;
 pub mod http;
 /// tracing to journald or stderr.
 pub mod logging;
+/// Incidents and alert emails.
+pub mod notify;
+/// PostgreSQL access as the database's OS user (peer authentication).
+pub mod pg;
+/// Supervision of postgres, redis and the API.
+pub mod supervise;
 /// systemd integration (sd_notify).
 pub mod systemd;
 

@@ -36,10 +36,60 @@ async fn run(cli: Cli) -> u8 {
                 }
             }
         }
+        Command::Firstboot { json } => firstboot(&sources, json).await,
         Command::Status(args) => status(&cli_bus(&cli.bus_address, &sources), args).await,
         Command::Reload => reload(&cli_bus(&cli.bus_address, &sources)).await,
         Command::Config(ConfigCommand::Check { path, json }) => config_check(path, sources, json),
         Command::Config(ConfigCommand::Show { json }) => config_show(&sources, json),
+    }
+}
+
+async fn firstboot(sources: &Sources, json: bool) -> u8 {
+    logging::init(LogLevel::Info);
+    let loaded = match config::load(sources) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            return exit::CONFIG;
+        }
+    };
+    match caretaker::boot::firstboot::run(&loaded.config).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                let v = &report.volume;
+                println!(
+                    "instance {} in {}",
+                    report.instance.identity.instance_id, report.instance.identity.availability_zone
+                );
+                println!(
+                    "volume   {} ({} {}) at {}{}{}",
+                    v.device.display(),
+                    v.fstype,
+                    v.uuid,
+                    loaded.config.volume.mount_point.display(),
+                    if v.formatted { ", formatted (was blank)" } else { "" },
+                    if v.mounted_now { ", mounted now" } else { ", already mounted" },
+                );
+                println!(
+                    "data     {} created, {} re-owned{}",
+                    report.data_dirs.created.len(),
+                    report.data_dirs.rechowned.len(),
+                    if report.data_dirs.initialised { ", PostgreSQL initialised" } else { "" }
+                );
+                println!("secrets  {}", report.secrets);
+                println!("done in {} ms", report.took_ms);
+            }
+            exit::OK
+        }
+        Err(e) => {
+            tracing::error!("firstboot failed: {e}");
+            if json {
+                println!("{}", serde_json::json!({ "ok": false, "error": e.to_string() }));
+            }
+            exit::FAILURE
+        }
     }
 }
 

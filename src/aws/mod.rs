@@ -2,3 +2,9 @@
 
 /// The instance metadata service, IMDSv2 only.
 pub mod imds;
+/// SDK configuration (region, credentials, timeouts, retries) and the per-service clients built from it.
+pub mod sdk;
+/// SES: alert emails.
+pub mod ses;
+/// SSM Parameter Store: every parameter under a path, decrypted, with secrets kept out of logs.
+pub mod ssm;

@@ -36,6 +36,12 @@ pub struct DaemonStatus {
     pub config_files: Vec<String>,
     /// The last reload's outcome ("" before the first reload).
     pub last_reload: String,
+    /// The supervised services, in start order (empty when supervision is off).
+    #[serde(default)]
+    pub services: Vec<crate::supervise::supervisor::ServiceStatus>,
+    /// Open incidents (each sent one email when it started).
+    #[serde(default)]
+    pub incidents: Vec<crate::notify::Incident>,
 }
 
 /// The object served at `/io/shtetl/Caretaker1`.

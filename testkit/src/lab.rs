@@ -35,11 +35,14 @@ pub struct BoxOptions {
     /// The caretaker config to put at /etc/caretaker/caretaker.toml
     /// (default: tests/lab/caretaker.toml when it exists).
     pub config: Option<PathBuf>,
+    /// Also install the repo's drop-in folders (`systemd/*.d`), which make the data services
+    /// require caretaker-firstboot.service.
+    pub dropins: bool,
 }
 
 impl Default for BoxOptions {
     fn default() -> Self {
-        BoxOptions { volumes: Vec::new(), services: true, config: None }
+        BoxOptions { volumes: Vec::new(), services: true, config: None, dropins: false }
     }
 }
 
@@ -166,6 +169,9 @@ impl LabBox {
         }
         if !opts.services {
             cmd.arg("--no-services");
+        }
+        if opts.dropins {
+            cmd.arg("--dropins");
         }
         if let Some(config) = &opts.config {
             cmd.arg("--config").arg(config);

@@ -1,0 +1,135 @@
+//! PostgreSQL access for caretaker's own work (health probes, provisioning, backup row counts):
+//! over the unix socket, as the database's OS user, with peer authentication — no password and
+//! no pg_hba.conf changes.
+//!
+//! The daemon runs as root; peer authentication checks the credentials the kernel recorded when
+//! the socket connected (the connecting *thread's* effective uid). So the connection is made on a
+//! short-lived thread that switches only its own effective uid with the raw `setresuid` syscall
+//! (glibc's wrapper would change every thread of the process) and then ends; the connected socket
+//! is handed back to the async runtime. The rest of the process never changes identity.
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::unistd::User;
+use tokio_postgres::{Client, NoTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("OS user `{0}` does not exist")]
+    NoUser(String),
+    #[error("cannot connect to {} as {user}: {source}", socket.display())]
+    Socket { socket: PathBuf, user: String, source: std::io::Error },
+    #[error("PostgreSQL at {} refused {user}@{dbname}: {source}", socket.display())]
+    Connect { socket: PathBuf, user: String, dbname: String, source: tokio_postgres::Error },
+    #[error("PostgreSQL did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct PgTarget {
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    /// The OS user, also the database role (peer authentication).
+    pub user: String,
+}
+
+impl PgTarget {
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket_dir.join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// A connection to `dbname`; the connection's driver task is spawned on the runtime.
+    pub async fn connect(&self, dbname: &str, timeout: Duration) -> Result<Client, PgError> {
+        let work = async {
+            let stream = connect_socket_as(&self.socket_path(), &self.user).await?;
+            let (client, connection) = tokio_postgres::Config::new()
+                .user(&self.user)
+                .dbname(dbname)
+                .application_name("caretaker")
+                .connect_raw(stream, NoTls)
+                .await
+                .map_err(|source| PgError::Connect {
+                    socket: self.socket_path(),
+                    user: self.user.clone(),
+                    dbname: dbname.into(),
+                    source,
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!("postgres connection ended: {e}");
+                }
+            });
+            Ok(client)
+        };
+        tokio::time::timeout(timeout, work).await.map_err(|_| PgError::Timeout(timeout))?
+    }
+}
+
+/// Connects to a unix socket with the effective uid/gid of `user` (see the module comment).
+pub async fn connect_socket_as(socket: &Path, user: &str) -> Result<tokio::net::UnixStream, PgError> {
+    let u = User::from_name(user).ok().flatten().ok_or_else(|| PgError::NoUser(user.into()))?;
+    let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
+    let socket = socket.to_path_buf();
+    let sock_err = {
+        let (socket, user) = (socket.clone(), user.to_string());
+        move |source| PgError::Socket { socket, user, source }
+    };
+    let std_stream = if nix::unistd::geteuid().as_raw() == uid || !nix::unistd::geteuid().is_root() {
+        StdUnixStream::connect(&socket).map_err(sock_err)?
+    } else {
+        std::thread::spawn(move || -> std::io::Result<StdUnixStream> {
+            // SAFETY: raw syscalls changing only this thread's credentials; the thread ends
+            // right after connecting, so no other code ever runs with them. The saved uid stays
+            // 0, as it must for nothing: the credentials die with the thread.
+            let r = unsafe { nix::libc::syscall(nix::libc::SYS_setresgid, -1i64, gid as i64, -1i64) };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = unsafe { nix::libc::syscall(nix::libc::SYS_setresuid, -1i64, uid as i64, -1i64) };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            StdUnixStream::connect(&socket)
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("connect thread panicked"))
+        .and_then(|r| r)
+        .map_err(sock_err)?
+    };
+    std_stream.set_nonblocking(true).map_err(|e| PgError::Socket {
+        socket: PathBuf::new(),
+        user: user.into(),
+        source: e,
+    })?;
+    tokio::net::UnixStream::from_std(std_stream).map_err(|e| PgError::Socket {
+        socket: PathBuf::new(),
+        user: user.into(),
+        source: e,
+    })
+}
+
+/// `"name"` with embedded quotes doubled: safe to splice as an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `'text'` with embedded quotes doubled (standard_conforming_strings is on since 9.1).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

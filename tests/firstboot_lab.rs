@@ -1,0 +1,301 @@
+//! `caretaker firstboot` in lab boxes with loop devices as EBS volumes, the IMDSv2 fake and moto's
+//! SSM, all inside the box's private network.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use caretaker_testkit::lab::{BoxOptions, LabBox};
+use caretaker_testkit::moto::Moto;
+
+const IMDS_PORT: u16 = 1338;
+const SECRET_CLERK: &str = "sk_live_9f8e7d6c5b4a";
+const SECRET_DB: &str = "p4ss\"w$rd`x";
+
+/// The IMDSv2 fake, listening inside a box's network; killed on drop.
+struct Imds(Child);
+
+impl Imds {
+    fn start(b: &LabBox) -> Imds {
+        let bin = env!("CARGO_MANIFEST_DIR").to_string() + "/target/debug/imds-fake";
+        let mut child = b
+            .netns_command(&bin)
+            .args(["--listen", &format!("127.0.0.1:{IMDS_PORT}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start imds-fake (built by cargo build --workspace)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("listening on"), "imds-fake: {line}");
+        Imds(child)
+    }
+}
+
+impl Drop for Imds {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn put_param(moto: &Moto, name: &str, value: &str, secure: bool) {
+    let body = serde_json::json!({
+        "Name": name, "Value": value, "Type": if secure { "SecureString" } else { "String" }, "Overwrite": true
+    })
+    .to_string();
+    let r = moto
+        .request(
+            "POST",
+            "/",
+            &[
+                ("Content-Type", "application/x-amz-json-1.1"),
+                ("X-Amz-Target", "AmazonSSM.PutParameter"),
+                (
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=testing/20260101/eu-west-1/ssm/aws4_request, SignedHeaders=host, Signature=0",
+                ),
+            ],
+            body.as_bytes(),
+        )
+        .expect("PutParameter");
+    assert_eq!(r.status, 200, "PutParameter {name}: {}", r.text());
+}
+
+/// A booted box with one loop volume of `size` (backing file prepared by `prep`), the fakes, and
+/// a caretaker config pointing at them.
+struct Rig {
+    b: LabBox,
+    dev: String,
+    img: PathBuf,
+    _dir: tempfile::TempDir,
+    _imds: Imds,
+    _moto: Moto,
+}
+
+fn rig(prefix: &str, size: &str, prep: impl FnOnce(&Path)) -> Rig {
+    rig_with(prefix, size, prep, None)
+}
+
+fn rig_with(prefix: &str, size: &str, prep: impl FnOnce(&Path), device_override: Option<&str>) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.img");
+    let out = Command::new("truncate").args(["-s", size]).arg(&img).output().unwrap();
+    assert!(out.status.success());
+    prep(&img);
+    let b = LabBox::start(
+        prefix,
+        BoxOptions { volumes: vec![(img.clone(), size.into())], services: false, dropins: true, ..Default::default() },
+    )
+    .expect("lab box boots");
+    let dev = b.volumes()[0].display().to_string();
+    let imds = Imds::start(&b);
+    let moto = Moto::start_in_netns(b.pid1()).expect("moto in the box's network");
+    put_param(&moto, "/zmanim/prod/clerk-secret-key", SECRET_CLERK, true);
+    put_param(&moto, "/zmanim/prod/db-password", SECRET_DB, true);
+    put_param(&moto, "/zmanim/prod/config", "LOG_LEVEL=info\nFEATURE_X=on\n", false);
+    let config = format!(
+        r#"[aws]
+region = "eu-west-1"
+imds-endpoint = "http://127.0.0.1:{IMDS_PORT}"
+imds-deadline = "5s"
+ssm-endpoint = "{}"
+
+[volume]
+device = "{}"
+attach-timeout = "2s"
+
+[services.postgres]
+initdb = "/usr/lib/postgresql/15/bin/initdb"
+"#,
+        moto.endpoint(),
+        device_override.unwrap_or(&dev)
+    );
+    b.write_file("/etc/caretaker/caretaker.toml", config.as_bytes(), 0o644).unwrap();
+    b.write_file(
+        "/etc/systemd/system/caretaker-firstboot.service.d/50-lab.conf",
+        b"[Service]\nEnvironment=AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing\n",
+        0o644,
+    )
+    .unwrap();
+    // Debian's generator makes postgresql.service want the host-style cluster; the lab's
+    // postgresql.service runs the one on /data instead.
+    b.sh_ok("systemctl mask --runtime postgresql@15-main.service && systemctl daemon-reload");
+    Rig { b, dev, img, _dir: dir, _imds: imds, _moto: moto }
+}
+
+impl Rig {
+    fn firstboot(&self) -> Output {
+        self.b.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker firstboot")
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn sha_head(img: &Path) -> Vec<u8> {
+    let mut f = std::fs::File::open(img).unwrap();
+    let mut buf = vec![0u8; 2 << 20];
+    use std::io::Read;
+    let n = f.read(&mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn a_blank_volume_is_formatted_mounted_marked_and_initialised_and_a_second_run_changes_nothing() {
+    let r = rig("fb-blank", "512M", |_| {});
+    let out = r.firstboot();
+    assert!(out.status.success(), "firstboot: {}\n{}", text(&out.stdout), text(&out.stderr));
+    let b = &r.b;
+    assert_eq!(b.sh_ok("findmnt -n -o FSTYPE /data").trim(), "xfs");
+    assert_eq!(b.sh_ok("findmnt -n -o SOURCE /data").trim(), r.dev);
+    assert_eq!(b.sh_ok(&format!("blkid -o value -s LABEL {}", r.dev)).trim(), "caretaker", "XFS labels hold 12 bytes");
+    let marker: serde_json::Value = serde_json::from_str(&b.sh_ok("cat /data/.caretaker-volume")).unwrap();
+    assert_eq!(marker["instances"][0], "i-0123456789abcdef0");
+    assert!(b.sh("test -f /data/postgres/PG_VERSION").status.success(), "initdb ran");
+    assert_eq!(b.sh_ok("stat -c %U:%a /data/postgres").trim(), "postgres:700");
+    assert_eq!(b.sh_ok("stat -c %U /data/redis").trim(), "redis");
+    // PostgreSQL (the lab's stand-in for Amazon Linux's unit, on /data) starts after firstboot.
+    let pg = b.sh("systemctl start postgresql.service");
+    assert!(
+        pg.status.success(),
+        "postgres: {}",
+        b.sh_ok("journalctl --no-pager -n 30 -u postgresql.service -u caretaker-firstboot.service")
+    );
+    assert_eq!(b.sh_ok("runuser -u postgres -- psql -Atc 'show data_directory'").trim(), "/data/postgres");
+    let journal = b.sh_ok("journalctl --no-pager -o verbose");
+    assert!(journal.contains("firstboot complete"), "firstboot ran as a unit too");
+    for secret in [SECRET_CLERK, SECRET_DB, "p4ss"] {
+        assert!(!journal.contains(secret), "a secret value reached the journal");
+    }
+    assert!(b.sh_ok("cat /run/caretaker/instance.env").contains("INSTANCE_ID=i-0123456789abcdef0"));
+    let env = b.sh_ok("cat /run/caretaker/env/zmanim-api.env");
+    assert!(env.contains("CLERK_SECRET_KEY=") && env.contains(SECRET_CLERK), "{env}");
+    assert!(env.contains("LOG_LEVEL="), "expanded config parameter: {env}");
+    assert_eq!(b.sh_ok("stat -c %a /run/caretaker/env/zmanim-api.env").trim(), "600");
+    for secret in [SECRET_CLERK, "p4ss"] {
+        assert!(!text(&out.stdout).contains(secret) && !text(&out.stderr).contains(secret), "secret in output");
+    }
+
+    let stamp = "stat -c %Y.%i /data/.caretaker-volume /run/caretaker/env/zmanim-api.env /run/caretaker/instance.env";
+    let uuid = b.sh_ok(&format!("blkid -o value -s UUID {}", r.dev));
+    let before = b.sh_ok(stamp);
+    std::thread::sleep(Duration::from_millis(1100));
+    let again = r.firstboot();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stdout).contains("already mounted"), "{}", text(&again.stdout));
+    assert_eq!(b.sh_ok(stamp), before, "a second run rewrote files");
+    assert_eq!(b.sh_ok(&format!("blkid -o value -s UUID {}", r.dev)), uuid);
+}
+
+#[test]
+fn an_existing_filesystem_is_mounted_as_it_is_never_reformatted() {
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("precious.txt"), "keep me\n").unwrap();
+    let src = files.path().to_path_buf();
+    let r = rig("fb-ext4", "256M", move |img| {
+        let out = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&src).arg(img).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    });
+    let uuid = r.b.sh_ok(&format!("blkid -o value -s UUID {}", r.dev));
+    let out = r.firstboot();
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(r.b.sh_ok("findmnt -n -o FSTYPE /data").trim(), "ext4");
+    assert_eq!(r.b.sh_ok("cat /data/precious.txt"), "keep me\n");
+    assert_eq!(r.b.sh_ok(&format!("blkid -o value -s UUID {}", r.dev)), uuid, "filesystem UUID changed");
+}
+
+fn assert_refused(prefix: &str, prep: impl FnOnce(&Path), needle: &str) {
+    let r = rig(prefix, "256M", prep);
+    let head = sha_head(&r.img);
+    // Through systemd, as at boot: the API (and postgres) require firstboot, so they must not start.
+    let start = r.b.sh("systemctl start zmanim-api.service");
+    assert!(!start.status.success(), "the API started although firstboot failed");
+    assert_eq!(r.b.sh_ok("systemctl show -P ActiveState zmanim-api.service").trim(), "inactive");
+    assert_eq!(r.b.sh_ok("systemctl show -P ActiveState caretaker-firstboot.service").trim(), "failed");
+    let journal = r.b.journal("caretaker-firstboot.service");
+    assert!(journal.contains(&r.dev) && journal.contains(needle), "journal lacks device/cause:\n{journal}");
+    assert!(!r.b.sh("mountpoint -q /data").status.success(), "/data is mounted");
+    assert!(!r.b.sh("systemctl start postgresql.service").status.success(), "postgres started");
+
+    let out = r.firstboot();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("refusing to use"), "{}", text(&out.stderr));
+    assert_eq!(sha_head(&r.img), head, "the device was written to");
+}
+
+#[test]
+fn a_partition_table_is_refused() {
+    assert_refused(
+        "fb-gpt",
+        |img| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!("echo 'label: gpt' | sfdisk -q {}", img.display()))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        },
+        "gpt",
+    );
+}
+
+#[test]
+fn a_luks_header_is_refused() {
+    assert_refused(
+        "fb-luks",
+        |img| {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+            f.seek(SeekFrom::Start(0)).unwrap();
+            let mut hdr = b"LUKS\xba\xbe\x00\x01aes\0\0\0\0".to_vec();
+            hdr.resize(592, 0);
+            f.write_all(&hdr).unwrap();
+        },
+        "LUKS",
+    );
+}
+
+#[test]
+fn unrecognised_data_without_a_signature_is_refused() {
+    assert_refused(
+        "fb-junk",
+        |img| {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+            f.seek(SeekFrom::Start(200_000)).unwrap();
+            f.write_all(&[0x5a; 4096]).unwrap();
+        },
+        "non-zero data",
+    );
+}
+
+#[test]
+fn a_missing_volume_is_refused_after_the_timeout_and_nothing_starts() {
+    let r = rig_with("fb-missing", "64M", |_| {}, Some("/dev/loop250"));
+    let out = r.firstboot();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("no data volume matching /dev/loop250") && err.contains("Nothing was started"), "{err}");
+    assert!(!r.b.sh("systemctl start zmanim-api.service").status.success());
+    assert!(!r.b.sh("mountpoint -q /data").status.success());
+}
+
+#[test]
+fn a_grown_volume_is_grown_on_the_next_run() {
+    let r = rig("fb-grow", "300M", |_| {});
+    assert!(r.firstboot().status.success());
+    let size = |b: &LabBox| b.sh_ok("df --output=size -B1M /data | tail -1").trim().parse::<u64>().unwrap();
+    let before = size(&r.b);
+    let out = Command::new("truncate").args(["-s", "600M"]).arg(&r.img).output().unwrap();
+    assert!(out.status.success());
+    let out = Command::new("losetup").args(["-c", &r.dev]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let again = r.firstboot();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let after = size(&r.b);
+    assert!(after > before + 200, "not grown: {before} → {after} MiB");
+}
