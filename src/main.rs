@@ -124,6 +124,31 @@ async fn status(bus: &Option<String>, args: StatusArgs) -> u8 {
                 if !s.last_reload.is_empty() {
                     println!("  reload:   {}", s.last_reload);
                 }
+                if !s.services.is_empty() {
+                    println!("  services:");
+                    for svc in &s.services {
+                        let state = serde_json::to_value(svc.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default();
+                        let probe = match &svc.last_probe {
+                            Some(p) => format!("{} ms", p.latency_ms),
+                            None => "-".into(),
+                        };
+                        println!(
+                            "    {:<9} {:<28} {:<10} probe {:>7}  restarts {}  {}",
+                            svc.name, svc.unit, state, probe, svc.restarts, svc.note
+                        );
+                    }
+                }
+                if s.incidents.is_empty() {
+                    println!("  incidents: none");
+                } else {
+                    println!("  incidents:");
+                    for i in &s.incidents {
+                        println!("    since {}  {}  ({})", i.since, i.subject, i.key);
+                    }
+                }
             }
             exit::OK
         }

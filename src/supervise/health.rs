@@ -111,6 +111,13 @@ async fn redis_check(url: &str) -> Health {
     match pong {
         Ok(p) if p == "PONG" => {}
         Ok(p) => return Health::Unhealthy(format!("PING answered {p}")),
+        // Redis 7 answers even PING with MISCONF while it refuses writes.
+        Err(e) if e.to_string().contains("MISCONF") => {
+            return Health::Degraded(
+                "it refuses writes (MISCONF): the last BGSAVE failed; check disk space and permissions of its dir"
+                    .into(),
+            );
+        }
         Err(e) => return Health::Unhealthy(format!("PING failed: {e}")),
     }
     let info: redis::RedisResult<String> = redis::cmd("INFO").arg("persistence").query_async(&mut conn).await;

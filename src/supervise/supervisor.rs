@@ -192,7 +192,10 @@ impl Watch {
             }
             Ok(st) => {
                 if st.is_failed() {
-                    let _ = self.systemd.reset_failed(&self.unit).await;
+                    info!(unit = %self.unit, result = %st.result, "resetting the unit's failed state (start limit) before starting");
+                    if let Err(e) = self.systemd.reset_failed(&self.unit).await {
+                        warn!("{e}");
+                    }
                 }
                 info!(unit = %self.unit, "starting");
                 match self.systemd.start(&self.unit, timeout).await {
