@@ -64,7 +64,8 @@ pub async fn run(cfg: &Config) -> Result<Report, FirstbootError> {
     let volume =
         tokio::task::spawn_blocking(move || volume::prepare(&vol_cfg, Path::new("/sys"), &instance_id)).await??;
     info!(device = %volume.device.display(), fstype = %volume.fstype, formatted = volume.formatted,
-        mounted_now = volume.mounted_now, mount_point = %cfg.volume.mount_point.display(), "data volume ready");
+        mounted_now = volume.mounted_now, mount_point = %cfg.volume.mount_point.display(),
+        "data volume ready: {} ({}) at {}", volume.device.display(), volume.fstype, cfg.volume.mount_point.display());
 
     let services = cfg.services.clone();
     let data_dirs = tokio::task::spawn_blocking(move || datadirs::prepare(&services)).await??;

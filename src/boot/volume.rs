@@ -344,7 +344,7 @@ pub fn prepare(cfg: &VolumeConfig, sysfs: &Path, instance_id: &str) -> Result<Vo
     let located = locate(&cfg.device, sysfs, cfg.attach_timeout.get())?;
     let device = located.device.clone();
     let rdev = check_block(&device)?;
-    info!(device = %device.display(), volume_id = located.volume_id.as_deref().unwrap_or("-"), "data volume found");
+    info!(device = %device.display(), volume_id = located.volume_id.as_deref().unwrap_or("-"), "data volume found: {}", device.display());
 
     let mp = &cfg.mount_point;
     let table = mounts()?;
@@ -366,12 +366,12 @@ pub fn prepare(cfg: &VolumeConfig, sysfs: &Path, instance_id: &str) -> Result<Vo
             let (fstype, uuid) = match examine(&device)? {
                 Decision::Refuse(found) => return Err(VolumeError::Refused { device, found }),
                 Decision::Mount { fstype, uuid } => {
-                    info!(device = %device.display(), fstype, uuid, "existing filesystem: mounting it as it is");
+                    info!(device = %device.display(), fstype, uuid, "{}: existing {fstype} filesystem {uuid}: mounting it as it is", device.display());
                     (fstype, uuid)
                 }
                 Decision::Format => {
                     let dev = device.to_string_lossy();
-                    info!(device = %dev, filesystem = ?cfg.filesystem, "volume is blank (no signature, zeros at both ends): formatting");
+                    info!(device = %dev, filesystem = ?cfg.filesystem, "{dev} is blank (no signature, zeros at both ends): formatting it as {:?}", cfg.filesystem);
                     match cfg.filesystem {
                         // No force flag: mkfs.xfs itself refuses a device with a signature.
                         Filesystem::Xfs => run("mkfs.xfs", &["-q", "-L", LABEL_XFS, &dev])?,

@@ -134,7 +134,7 @@ impl Watch {
             return;
         }
         debug_assert!(self.state.can_become(next), "{:?} → {:?}", self.state, next);
-        info!(service = self.kind.as_str(), unit = %self.unit, from = ?self.state, to = ?next, "{note}");
+        info!(service = self.kind.as_str(), unit = %self.unit, from = ?self.state, to = ?next, "{}: {note}", self.unit);
         self.state = next;
         self.update(|s| {
             s.state = next;
@@ -192,12 +192,12 @@ impl Watch {
             }
             Ok(st) => {
                 if st.is_failed() {
-                    info!(unit = %self.unit, result = %st.result, "resetting the unit's failed state (start limit) before starting");
+                    info!(unit = %self.unit, result = %st.result, "{}: resetting its failed state (Result={}, e.g. the start limit) before starting", self.unit, st.result);
                     if let Err(e) = self.systemd.reset_failed(&self.unit).await {
                         warn!("{e}");
                     }
                 }
-                info!(unit = %self.unit, "starting");
+                info!(unit = %self.unit, "{}: starting", self.unit);
                 match self.systemd.start(&self.unit, timeout).await {
                     Ok(out) if !out.state.is_active() => warn!(unit = %self.unit, job = %out.job_result,
                         state = %out.state.active_state, result = %out.state.result, "start did not leave the unit active"),
@@ -326,13 +326,14 @@ impl Watch {
         if let Ok(st) = self.systemd.state(&self.unit).await
             && st.is_failed()
         {
-            info!(unit = %self.unit, result = %st.result, "resetting the unit's failed state (start limit) before restarting");
+            info!(unit = %self.unit, result = %st.result, "{}: resetting its failed state (Result={}, e.g. the start limit) before restarting", self.unit, st.result);
             if let Err(e) = self.systemd.reset_failed(&self.unit).await {
                 warn!("{e}");
             }
         }
         match self.systemd.restart(&self.unit, sup.start_timeout.get()).await {
-            Ok(out) => info!(unit = %self.unit, job = %out.job_result, state = %out.state.active_state, "restarted"),
+            Ok(out) => info!(unit = %self.unit, job = %out.job_result, state = %out.state.active_state,
+                "{}: restart job {}, unit {}", self.unit, out.job_result, out.state.active_state),
             Err(e) => error!("{e}"),
         }
         self.restarts.push_back(Instant::now());
