@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Loaded, Sources};
 use crate::control::dbus::{Control, DaemonStatus, Request};
+use crate::control::jobs::Jobs;
 use crate::control::{self, BUS_NAME, OBJECT_PATH};
 use crate::logging::LevelHandle;
 use crate::systemd::notify::Notifier;
@@ -217,6 +218,8 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         last_reload: String::new(),
         services: vec![],
         incidents: vec![],
+        current_job: None,
+        recent_jobs: vec![],
     }));
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(8);
 
@@ -226,9 +229,11 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
 
     let address = loaded.config.daemon.bus_address.clone();
     let bus_err = |source| DaemonError::Bus { address: address.clone(), source };
+    let cancel = CancellationToken::new();
+    let jobs = Jobs::new(cancel.child_token());
     let connection = control::connect(address.as_deref())
         .await
-        .and_then(|b| b.name(BUS_NAME)?.serve_at(OBJECT_PATH, Control::new(status.clone(), req_tx)))
+        .and_then(|b| b.name(BUS_NAME)?.serve_at(OBJECT_PATH, Control::new(status.clone(), req_tx, jobs.clone())))
         .map_err(bus_err)?
         .build()
         .await
@@ -245,7 +250,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     daemon.notifier.ready(&daemon.summary());
     let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
 
-    let cancel = CancellationToken::new();
+    jobs.set_emitter(iface.signal_emitter().clone());
     // Background work (supervision, jobs) runs in these tasks and is cancelled on shutdown.
     let mut tasks: JoinSet<()> = JoinSet::new();
     if daemon.loaded.config.supervise.enabled {
@@ -304,6 +309,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     daemon.transition_to(DaemonState::Stopping, "cancelling in-flight work");
     cancel.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        jobs.shutdown(SHUTDOWN_GRACE).await;
         while let Some(res) = tasks.join_next().await {
             if let Err(e) = res {
                 warn!("task ended badly during shutdown: {e}");

@@ -1,8 +1,13 @@
 //! The CLI side of the control plane: a thin client of the daemon's D-Bus interface.
 
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
 use zbus::proxy;
 
 use super::dbus::DaemonStatus;
+use super::jobs::{JobInfo, JobState};
 
 #[proxy(
     interface = "io.shtetl.Caretaker1",
@@ -19,6 +24,11 @@ pub trait Caretaker1 {
     #[zbus(property)]
     fn status_json(&self) -> zbus::Result<String>;
     fn reload(&self) -> zbus::Result<()>;
+    fn job_status(&self, id: &str) -> zbus::Result<String>;
+    #[zbus(signal)]
+    fn job_progress(&self, id: String, message: String, done: u64, total: u64) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn job_finished(&self, id: String, ok: bool, summary: String) -> zbus::Result<()>;
 }
 
 /// Why the daemon could not be asked.
@@ -88,4 +98,71 @@ impl Client {
     pub async fn reload(&self) -> Result<(), ClientError> {
         self.proxy.reload().await.map_err(|e| Self::classify("Reload", e))
     }
+
+    pub async fn job_status(&self, id: &str) -> Result<JobInfo, ClientError> {
+        let json = self.proxy.job_status(id).await.map_err(|e| Self::classify("JobStatus", e))?;
+        serde_json::from_str(&json).map_err(ClientError::BadStatus)
+    }
+
+    /// Starts a job with `start` (a call of one of the daemon's job methods, returning the job id)
+    /// and follows it to its end, handing each progress line to `line`. Signals are subscribed to
+    /// before the job starts, and the job's status is polled too, so nothing is missed.
+    pub async fn run_job<F, Fut>(
+        &self,
+        method: &'static str,
+        start: F,
+        mut line: impl FnMut(&str),
+    ) -> Result<JobInfo, ClientError>
+    where
+        F: FnOnce(Caretaker1Proxy<'static>) -> Fut,
+        Fut: Future<Output = zbus::Result<String>>,
+    {
+        let sub = |e| Self::classify("subscribe to job signals", e);
+        let mut progress = self.proxy.receive_job_progress().await.map_err(sub)?;
+        let mut finished = self.proxy.receive_job_finished().await.map_err(sub)?;
+        let id = start(self.proxy.clone()).await.map_err(|e| Self::classify(method, e))?;
+        let started = Instant::now();
+        line(&format!("job {id} started"));
+        let mut poll = tokio::time::interval(Duration::from_secs(2));
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                Some(sig) = progress.next() => {
+                    if let Ok(a) = sig.args() && a.id == id {
+                        let amount = if a.total > 0 {
+                            format!(" ({} of {})", human_bytes(a.done), human_bytes(a.total))
+                        } else if a.done > 0 {
+                            format!(" ({})", human_bytes(a.done))
+                        } else {
+                            String::new()
+                        };
+                        line(&format!("[{:>7.1}s] {}{amount}", started.elapsed().as_secs_f64(), a.message));
+                    }
+                }
+                Some(sig) = finished.next() => {
+                    if let Ok(a) = sig.args() && a.id == id {
+                        return self.job_status(&id).await;
+                    }
+                }
+                _ = poll.tick() => {
+                    let info = self.job_status(&id).await?;
+                    if info.state != JobState::Running {
+                        return Ok(info);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 1536 → "1.5 KiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }

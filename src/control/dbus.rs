@@ -7,6 +7,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use zbus::interface;
+use zbus::object_server::SignalEmitter;
+
+use super::jobs::Jobs;
 
 /// Errors returned to D-Bus callers, as `io.shtetl.Caretaker1.Error.*`.
 #[derive(Debug, zbus::DBusError)]
@@ -18,6 +21,12 @@ pub enum ControlError {
     InvalidConfig(String),
     /// The daemon is shutting down.
     ShuttingDown(String),
+    /// Another mutating job is running.
+    Busy(String),
+    /// No job with that id.
+    NoSuchJob(String),
+    /// The request is invalid (bad argument); nothing was started.
+    InvalidArgs(String),
 }
 
 /// A request from a D-Bus caller to the main loop, answered through the oneshot.
@@ -42,21 +51,31 @@ pub struct DaemonStatus {
     /// Open incidents (each sent one email when it started).
     #[serde(default)]
     pub incidents: Vec<crate::notify::Incident>,
+    /// The running job, if any.
+    #[serde(default)]
+    pub current_job: Option<super::jobs::JobInfo>,
+    /// Finished jobs, newest last.
+    #[serde(default)]
+    pub recent_jobs: Vec<super::jobs::JobInfo>,
 }
 
 /// The object served at `/io/shtetl/Caretaker1`.
 pub struct Control {
     status: Arc<Mutex<DaemonStatus>>,
     requests: mpsc::Sender<Request>,
+    jobs: Arc<Jobs>,
 }
 
 impl Control {
-    pub fn new(status: Arc<Mutex<DaemonStatus>>, requests: mpsc::Sender<Request>) -> Self {
-        Control { status, requests }
+    pub fn new(status: Arc<Mutex<DaemonStatus>>, requests: mpsc::Sender<Request>, jobs: Arc<Jobs>) -> Self {
+        Control { status, requests, jobs }
     }
 
     fn snapshot(&self) -> DaemonStatus {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.current_job = self.jobs.current();
+        s.recent_jobs = self.jobs.history();
+        s
     }
 }
 
@@ -97,6 +116,28 @@ impl Control {
     fn status_json(&self) -> String {
         serde_json::to_string(&self.snapshot()).unwrap_or_default()
     }
+
+    /// A job's state as JSON (see `JobInfo`), for clients that missed its signals.
+    fn job_status(&self, id: &str) -> Result<String, ControlError> {
+        self.jobs
+            .get(id)
+            .map(|j| serde_json::to_string(&j).unwrap_or_default())
+            .ok_or_else(|| ControlError::NoSuchJob(format!("no job {id} (status keeps the last 20)")))
+    }
+
+    /// Progress of a running job: a line of text and, when known, bytes done and total.
+    #[zbus(signal)]
+    pub async fn job_progress(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        message: &str,
+        done: u64,
+        total: u64,
+    ) -> zbus::Result<()>;
+
+    /// A job ended: `ok` and its one-line summary (or error).
+    #[zbus(signal)]
+    pub async fn job_finished(emitter: &SignalEmitter<'_>, id: &str, ok: bool, summary: &str) -> zbus::Result<()>;
 
     /// Re-reads the configuration. An invalid configuration is refused with
     /// `io.shtetl.Caretaker1.Error.InvalidConfig` and the old one stays in force.

@@ -4,6 +4,8 @@
 pub mod client;
 /// The interface the daemon serves.
 pub mod dbus;
+/// Jobs: one mutating job at a time, with progress signals.
+pub mod jobs;
 
 /// Well-known name the daemon owns on the system bus.
 pub const BUS_NAME: &str = "io.shtetl.Caretaker1";
