@@ -222,12 +222,18 @@ impl Watch {
 
     async fn run(mut self, cancel: CancellationToken) {
         let interval = self.cfg.supervise.probe_interval.get();
+        let mut last_start = tokio::time::Instant::now();
         loop {
+            // Probes keep a fixed cadence (a slow, timing-out probe does not push the next one
+            // back), and a service coming back from a (re)start is probed every second until
+            // healthy, so detection and recovery are not padded by whole intervals.
+            let wait = if self.state == SvcState::Starting { interval.min(Duration::from_secs(1)) } else { interval };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep_until(last_start + wait) => {}
                 _ = self.kick.notified() => info!(service = self.kind.as_str(), "re-probing now"),
             }
+            last_start = tokio::time::Instant::now();
             let r = self.probe().await;
             self.on_probe(r, &cancel).await;
         }
