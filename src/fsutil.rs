@@ -75,6 +75,21 @@ pub fn write_if_changed(path: &Path, contents: &[u8], mode: u32, owner: Owner) -
     Ok(true)
 }
 
+/// Removes temporary files [`write_atomic`] left in `dir` when its process was killed before the
+/// rename (`.NAME.tmp-PID` of a PID that is no longer running). Errors are ignored.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else { continue };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let alive = pid == std::process::id() as i32 || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// fsyncs a folder so that a rename in it survives a crash.
 pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync folder", dir))
@@ -108,6 +123,19 @@ mod tests {
         assert_eq!(std::os::unix::fs::MetadataExt::ino(&fs::metadata(&p).unwrap()), ino);
         assert!(write_if_changed(&p, b"X=1\n", 0o600, None).unwrap(), "mode change rewrites");
         assert!(write_if_changed(&p, b"X=2\n", 0o600, None).unwrap());
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join(".x.env.tmp-999999999");
+        let mine = dir.path().join(format!(".y.env.tmp-{}", std::process::id()));
+        let other = dir.path().join("z.env");
+        for p in [&dead, &mine, &other] {
+            fs::write(p, b"x").unwrap();
+        }
+        remove_stale_temps(dir.path());
+        assert!(!dead.exists() && mine.exists() && other.exists());
     }
 
     #[test]

@@ -299,3 +299,40 @@ fn a_grown_volume_is_grown_on_the_next_run() {
     let after = size(&r.b);
     assert!(after > before + 200, "not grown: {before} → {after} MiB");
 }
+
+#[test]
+fn a_format_interrupted_by_a_crash_is_completed_by_the_next_run() {
+    // The previous run proved the device blank, recorded its intent, and was killed inside mkfs
+    // after the superblock magic was written; it also left a temporary env file behind.
+    let r = rig("fb-intr", "512M", |img| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+        f.write_all(b"XFSB\0\0\x10\0half-made").unwrap();
+    });
+    let (maj, min) = {
+        let out = r.b.sh_ok(&format!("stat -c '%t %T' {}", r.dev));
+        let mut it = out.split_whitespace().map(|h| u64::from_str_radix(h, 16).unwrap());
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let rdev = nix::sys::stat::makedev(maj, min);
+    let intent = serde_json::json!({ "device": r.dev, "rdev": rdev, "started_at": "2026-11-22T03:00:00Z" });
+    r.b.write_file("/var/lib/caretaker/format-intent.json", intent.to_string().as_bytes(), 0o600).unwrap();
+    r.b.write_file("/run/caretaker/env/.zmanim-api.env.tmp-999999", b"half", 0o600).unwrap();
+
+    let out = r.firstboot();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("interrupted while formatting"), "{}", text(&out.stderr));
+    assert_eq!(r.b.sh_ok("findmnt -n -o FSTYPE /data").trim(), "xfs");
+    assert!(!r.b.sh("test -e /var/lib/caretaker/format-intent.json").status.success(), "intent cleared");
+    assert!(!r.b.sh("test -e /run/caretaker/env/.zmanim-api.env.tmp-999999").status.success(), "stale temp removed");
+
+    // Without the intent, the same half-made device is refused: nobody else's data is formatted.
+    let other = rig("fb-nointr", "256M", |img| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+        f.write_all(b"XFSB\0\0\x10\0half-made").unwrap();
+    });
+    let out = other.firstboot();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("refusing to use"), "{}", text(&out.stderr));
+}

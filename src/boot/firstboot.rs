@@ -16,6 +16,8 @@ use crate::config::Config;
 
 /// caretaker's runtime folder (tmpfs: empty after every reboot).
 pub const RUN_DIR: &str = "/run/caretaker";
+/// caretaker's state on the root disk (survives reboots, not instance replacement).
+pub const STATE_DIR: &str = "/var/lib/caretaker";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirstbootError {
@@ -53,6 +55,11 @@ pub async fn run(cfg: &Config) -> Result<Report, FirstbootError> {
         source,
     })?;
 
+    // Temporary files of a run that was killed (atomic writes not yet renamed into place).
+    for dir in [run_dir, cfg.secrets.env_dir.as_path()] {
+        crate::fsutil::remove_stale_temps(dir);
+    }
+
     info!(endpoint = %cfg.aws.imds_endpoint, "reading the instance identity (IMDSv2)");
     let imds = ImdsClient::new(&cfg.aws.imds_endpoint, cfg.aws.imds_deadline.get());
     let instance = imds.instance_info().await?;
@@ -61,8 +68,10 @@ pub async fn run(cfg: &Config) -> Result<Report, FirstbootError> {
 
     let vol_cfg = cfg.volume.clone();
     let instance_id = instance.identity.instance_id.clone();
-    let volume =
-        tokio::task::spawn_blocking(move || volume::prepare(&vol_cfg, Path::new("/sys"), &instance_id)).await??;
+    let volume = tokio::task::spawn_blocking(move || {
+        volume::prepare(&vol_cfg, Path::new("/sys"), Path::new(STATE_DIR), &instance_id)
+    })
+    .await??;
     info!(device = %volume.device.display(), fstype = %volume.fstype, formatted = volume.formatted,
         mounted_now = volume.mounted_now, mount_point = %cfg.volume.mount_point.display(),
         "data volume ready: {} ({}) at {}", volume.device.display(), volume.fstype, cfg.volume.mount_point.display());

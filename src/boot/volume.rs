@@ -340,7 +340,12 @@ fn fs_size(mount_point: &Path) -> Result<u64, VolumeError> {
 
 /// Finds, checks, formats-if-blank, mounts, grows and marks the data volume. Idempotent: on a
 /// mounted, marked volume it changes nothing.
-pub fn prepare(cfg: &VolumeConfig, sysfs: &Path, instance_id: &str) -> Result<VolumeOutcome, VolumeError> {
+pub fn prepare(
+    cfg: &VolumeConfig,
+    sysfs: &Path,
+    state_dir: &Path,
+    instance_id: &str,
+) -> Result<VolumeOutcome, VolumeError> {
     let located = locate(&cfg.device, sysfs, cfg.attach_timeout.get())?;
     let device = located.device.clone();
     let rdev = check_block(&device)?;
@@ -363,28 +368,46 @@ pub fn prepare(cfg: &VolumeConfig, sysfs: &Path, instance_id: &str) -> Result<Vo
             return Err(VolumeError::MountPointBusy { mount_point: mp.clone(), other: m.source.clone(), device });
         }
         None => {
+            let intent = FormatIntent::read(state_dir);
+            let interrupted = intent.as_ref().is_some_and(|i| i.rdev == rdev && i.device == device);
             let (fstype, uuid) = match examine(&device)? {
+                Decision::Refuse(found) if interrupted => {
+                    warn!(device = %device.display(), "{}: an earlier run was interrupted while formatting it (it was proven blank then; now: {}): formatting again", device.display(), found.join("; "));
+                    formatted = true;
+                    format(&device, cfg.filesystem, state_dir, rdev, true)?
+                }
                 Decision::Refuse(found) => return Err(VolumeError::Refused { device, found }),
                 Decision::Mount { fstype, uuid } => {
                     info!(device = %device.display(), fstype, uuid, "{}: existing {fstype} filesystem {uuid}: mounting it as it is", device.display());
                     (fstype, uuid)
                 }
                 Decision::Format => {
-                    let dev = device.to_string_lossy();
-                    info!(device = %dev, filesystem = ?cfg.filesystem, "{dev} is blank (no signature, zeros at both ends): formatting it as {:?}", cfg.filesystem);
-                    match cfg.filesystem {
-                        // No force flag: mkfs.xfs itself refuses a device with a signature.
-                        Filesystem::Xfs => run("mkfs.xfs", &["-q", "-L", LABEL_XFS, &dev])?,
-                        // -F only to skip the whole-device question; the device was just proven blank.
-                        Filesystem::Ext4 => run("mkfs.ext4", &["-q", "-F", "-L", LABEL, &dev])?,
-                    };
+                    info!(device = %device.display(), filesystem = ?cfg.filesystem, "{} is blank (no signature, zeros at both ends): formatting it as {:?}", device.display(), cfg.filesystem);
                     formatted = true;
-                    let b = blkid_probe(&device)?;
-                    (b.get("TYPE").cloned().unwrap_or_default(), b.get("UUID").cloned().unwrap_or_default())
+                    format(&device, cfg.filesystem, state_dir, rdev, false)?
                 }
             };
             std::fs::create_dir_all(mp).map_err(io("create", mp))?;
-            run("mount", &["-t", &fstype, "-o", &cfg.mount_options, &device.to_string_lossy(), &mp.to_string_lossy()])?;
+            let mounted = run(
+                "mount",
+                &["-t", &fstype, "-o", &cfg.mount_options, &device.to_string_lossy(), &mp.to_string_lossy()],
+            );
+            let (fstype, uuid) = match mounted {
+                Ok(_) => (fstype, uuid),
+                // mkfs killed after writing a valid-looking superblock: the mount fails.
+                Err(e) if interrupted && !formatted => {
+                    warn!(device = %device.display(), "{}: mount failed after an interrupted format ({e}): formatting again", device.display());
+                    formatted = true;
+                    let again = format(&device, cfg.filesystem, state_dir, rdev, true)?;
+                    run(
+                        "mount",
+                        &["-t", &again.0, "-o", &cfg.mount_options, &device.to_string_lossy(), &mp.to_string_lossy()],
+                    )?;
+                    again
+                }
+                Err(e) => return Err(e),
+            };
+            FormatIntent::clear(state_dir);
             mounted_now = true;
             (fstype, uuid)
         }
@@ -421,6 +444,65 @@ pub fn prepare(cfg: &VolumeConfig, sysfs: &Path, instance_id: &str) -> Result<Vo
         grown,
         marker_changed,
     })
+}
+
+/// Written (on the root disk) just before mkfs and removed once the new filesystem is mounted: if
+/// a run is killed while formatting, the next run knows the half-made filesystem is its own work
+/// on a device it had proven blank, and formats again instead of refusing the device forever.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FormatIntent {
+    device: PathBuf,
+    rdev: u64,
+    started_at: String,
+}
+
+impl FormatIntent {
+    const FILE: &'static str = "format-intent.json";
+
+    fn read(state_dir: &Path) -> Option<FormatIntent> {
+        serde_json::from_slice(&std::fs::read(state_dir.join(Self::FILE)).ok()?).ok()
+    }
+
+    fn write(state_dir: &Path, device: &Path, rdev: u64) -> Result<(), VolumeError> {
+        std::fs::create_dir_all(state_dir).map_err(io("create", state_dir))?;
+        let intent = FormatIntent {
+            device: device.to_path_buf(),
+            rdev,
+            started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        crate::fsutil::write_atomic(
+            &state_dir.join(Self::FILE),
+            &serde_json::to_vec(&intent).expect("json"),
+            0o600,
+            None,
+        )
+        .map_err(|e| VolumeError::Io { action: "write", path: e.path, source: e.source })
+    }
+
+    fn clear(state_dir: &Path) {
+        let _ = std::fs::remove_file(state_dir.join(Self::FILE));
+    }
+}
+
+/// Makes the filesystem. `again` (force) only for a device this code proved blank in an earlier,
+/// interrupted run; otherwise no force flag: mkfs.xfs itself refuses a device with a signature.
+fn format(
+    device: &Path,
+    fs: Filesystem,
+    state_dir: &Path,
+    rdev: u64,
+    again: bool,
+) -> Result<(String, String), VolumeError> {
+    FormatIntent::write(state_dir, device, rdev)?;
+    let dev = device.to_string_lossy();
+    match (fs, again) {
+        (Filesystem::Xfs, false) => run("mkfs.xfs", &["-q", "-L", LABEL_XFS, &dev])?,
+        (Filesystem::Xfs, true) => run("mkfs.xfs", &["-q", "-f", "-L", LABEL_XFS, &dev])?,
+        // -F only to skip the whole-device question; the device was proven blank.
+        (Filesystem::Ext4, _) => run("mkfs.ext4", &["-q", "-F", "-L", LABEL, &dev])?,
+    };
+    let b = blkid_probe(device)?;
+    Ok((b.get("TYPE").cloned().unwrap_or_default(), b.get("UUID").cloned().unwrap_or_default()))
 }
 
 /// `/data/.caretaker-volume`: which volume this is and who mounted it.
