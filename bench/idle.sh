@@ -4,21 +4,14 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
+. bench/lib/daemon-pid.sh
 secs=${1:-60}
 cargo build --bins --locked --quiet
 box="ct-bench-idle-$$"
 trap 'dev/lab down "$box" >/dev/null 2>&1 || true' EXIT
 pid1=$(dev/lab up "$box" --no-services | sed -n 's/^pid1=//p')
 dev/lab exec "$box" systemctl start caretaker.service
-# The daemon's PID as seen from the host (the box shares our PID namespace's view through /proc).
-inner=$(dev/lab exec "$box" systemctl show -P MainPID caretaker.service)
-box_ns=$(readlink "/proc/$pid1/ns/pid")
-host_pid=""
-for p in $(pgrep -x caretaker); do
-  [ "$(readlink "/proc/$p/ns/pid" 2>/dev/null)" = "$box_ns" ] || continue
-  [ "$(awk '/^NSpid:/ {print $NF}' "/proc/$p/status")" = "$inner" ] && host_pid=$p
-done
-[ -n "$host_pid" ] || { echo "cannot find the daemon's host PID" >&2; exit 1; }
+host_pid=$(daemon_host_pid "$box" "$pid1")
 hz=$(getconf CLK_TCK)
 ticks() { awk '{print $14 + $15}' "/proc/$host_pid/stat"; }
 t0=$(ticks); sleep "$secs"; t1=$(ticks)

@@ -8,6 +8,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
+. bench/lib/daemon-pid.sh
 minutes=${1:-10}
 trials=${2:-10}
 cargo build --workspace --bins --locked --quiet
@@ -20,14 +21,7 @@ status() { dev/lab exec "$box" caretaker status --json; }
 api() { status | jq -r '.daemon.services[] | select(.name == "api") | "\(.state) \(.restarts)"'; }
 for _ in $(seq 120); do [[ $(api) == "healthy "* ]] && break; sleep 1; done
 
-inner=$(dev/lab exec "$box" systemctl show -P MainPID caretaker.service)
-box_ns=$(readlink "/proc/$pid1/ns/pid")
-host_pid=""
-for p in $(pgrep -x caretaker); do
-  [ "$(readlink "/proc/$p/ns/pid" 2>/dev/null)" = "$box_ns" ] || continue
-  [ "$(awk '/^NSpid:/ {print $NF}' "/proc/$p/status")" = "$inner" ] && host_pid=$p
-done
-[ -n "$host_pid" ] || { echo "cannot find the daemon's host PID" >&2; exit 1; }
+host_pid=$(daemon_host_pid "$box" "$pid1")
 hz=$(getconf CLK_TCK)
 ticks() { awk '{print $14 + $15}' "/proc/$host_pid/stat"; }
 echo "probing for $minutes min at the default intervals…" >&2

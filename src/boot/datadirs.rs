@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix::unistd::{Gid, Uid, User};
+use nix::unistd::User;
 use serde::Serialize;
 use tracing::info;
 
@@ -51,8 +51,8 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<(), DataDirError> {
 }
 
 /// Makes `dir` exist with `mode`, owned by `user`; fixes the owner of an existing tree that
-/// belongs to someone else. Returns (created, rechowned, uid, gid).
-fn ensure_dir(dir: &Path, user: &str, mode: u32) -> Result<(bool, bool, Uid, Gid), DataDirError> {
+/// belongs to someone else. Returns (created, rechowned).
+fn ensure_dir(dir: &Path, user: &str, mode: u32) -> Result<(bool, bool), DataDirError> {
     let u = User::from_name(user)
         .ok()
         .flatten()
@@ -81,19 +81,22 @@ fn ensure_dir(dir: &Path, user: &str, mode: u32) -> Result<(bool, bool, Uid, Gid
             }
         }
     }
-    Ok((created, rechowned, u.uid, u.gid))
+    Ok((created, rechowned))
 }
 
 /// Prepares the PostgreSQL and Redis folders.
 pub fn prepare(services: &ServicesConfig) -> Result<DataDirsOutcome, DataDirError> {
     let mut out = DataDirsOutcome::default();
     let pg = &services.postgres;
-    let (created, rechowned, _, _) = ensure_dir(&pg.data_dir, &pg.user, 0o700)?;
-    if created {
-        out.created.push(pg.data_dir.clone());
-    }
-    if rechowned {
-        out.rechowned.push(pg.data_dir.clone());
+    let redis = &services.redis;
+    for (dir, user, mode) in [(&pg.data_dir, &pg.user, 0o700), (&redis.data_dir, &redis.user, 0o750)] {
+        let (created, rechowned) = ensure_dir(dir, user, mode)?;
+        if created {
+            out.created.push(dir.clone());
+        }
+        if rechowned {
+            out.rechowned.push(dir.clone());
+        }
     }
     let empty = std::fs::read_dir(&pg.data_dir).map_err(io("list", &pg.data_dir))?.next().is_none();
     if empty {
@@ -121,14 +124,6 @@ pub fn prepare(services: &ServicesConfig) -> Result<DataDirsOutcome, DataDirErro
             });
         }
         out.initialised = true;
-    }
-    let redis = &services.redis;
-    let (created, rechowned, _, _) = ensure_dir(&redis.data_dir, &redis.user, 0o750)?;
-    if created {
-        out.created.push(redis.data_dir.clone());
-    }
-    if rechowned {
-        out.rechowned.push(redis.data_dir.clone());
     }
     Ok(out)
 }
