@@ -4,6 +4,8 @@
 
 /// AWS clients (IMDS, SSM, S3, SES), each behind its own error type.
 pub mod aws;
+/// Backups to S3 and their verification.
+pub mod backup;
 /// Boot: the data volume and secrets.
 pub mod boot;
 /// The command line (clap definitions; also used to generate the man page).

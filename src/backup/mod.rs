@@ -1,0 +1,10 @@
+//! Backups: scheduled, streamed, compressed, encrypted, committed by manifest, retained, verified.
+
+/// PostgreSQL: one snapshot for the dump and exact row counts.
+pub mod postgres;
+/// Redis: a fresh, successful BGSAVE and its RDB file.
+pub mod redis;
+/// Which backups to keep.
+pub mod retention;
+/// Calendar expressions for backups and drills.
+pub mod schedule;
