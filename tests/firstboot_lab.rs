@@ -192,9 +192,19 @@ fn a_blank_volume_is_formatted_mounted_marked_and_initialised_and_a_second_run_c
 }
 
 #[test]
-fn an_existing_filesystem_is_mounted_as_it_is_never_reformatted() {
+fn an_existing_filesystem_is_mounted_as_it_is_never_reformatted_and_only_owners_are_fixed() {
+    // A volume written by an older image, whose service users had other uids.
     let files = tempfile::tempdir().unwrap();
     std::fs::write(files.path().join("precious.txt"), "keep me\n").unwrap();
+    let pg = files.path().join("postgres");
+    std::fs::create_dir_all(&pg).unwrap();
+    std::fs::write(pg.join("PG_VERSION"), "15\n").unwrap();
+    std::fs::write(pg.join("postgresql.auto.conf"), "# from the old image\n").unwrap();
+    std::fs::create_dir_all(files.path().join("redis")).unwrap();
+    std::fs::write(files.path().join("redis/dump.rdb"), "REDIS0011").unwrap();
+    let out =
+        Command::new("chown").args(["-R", "4242:4242"]).arg(&pg).arg(files.path().join("redis")).output().unwrap();
+    assert!(out.status.success());
     let src = files.path().to_path_buf();
     let r = rig("fb-ext4", "256M", move |img| {
         let out = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&src).arg(img).output().unwrap();
@@ -203,9 +213,20 @@ fn an_existing_filesystem_is_mounted_as_it_is_never_reformatted() {
     let uuid = r.b.sh_ok(&format!("blkid -o value -s UUID {}", r.dev));
     let out = r.firstboot();
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
-    assert_eq!(r.b.sh_ok("findmnt -n -o FSTYPE /data").trim(), "ext4");
-    assert_eq!(r.b.sh_ok("cat /data/precious.txt"), "keep me\n");
-    assert_eq!(r.b.sh_ok(&format!("blkid -o value -s UUID {}", r.dev)), uuid, "filesystem UUID changed");
+    let b = &r.b;
+    assert_eq!(b.sh_ok("findmnt -n -o FSTYPE /data").trim(), "ext4");
+    assert_eq!(b.sh_ok("cat /data/precious.txt"), "keep me\n");
+    assert_eq!(b.sh_ok(&format!("blkid -o value -s UUID {}", r.dev)), uuid, "filesystem UUID changed");
+    // Owners follow this image's users; contents are untouched and initdb did not run.
+    assert_eq!(
+        b.sh_ok("stat -c %U /data/postgres /data/postgres/PG_VERSION /data/redis/dump.rdb")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["postgres", "postgres", "redis"]
+    );
+    assert_eq!(b.sh_ok("cat /data/postgres/postgresql.auto.conf"), "# from the old image\n");
+    assert_eq!(b.sh_ok("ls /data/postgres | wc -l").trim(), "2", "initdb must not touch a non-empty data directory");
+    assert!(text(&out.stdout).contains("2 re-owned"), "{}", text(&out.stdout));
 }
 
 fn assert_refused(prefix: &str, prep: impl FnOnce(&Path), needle: &str) {
