@@ -69,6 +69,22 @@ pub fn ssm_client(sdk: &SdkConfig, aws: &AwsConfig) -> aws_sdk_ssm::Client {
     aws_sdk_ssm::Client::from_conf(conf.build())
 }
 
+/// The S3 client, at `aws.s3-endpoint` when set (path-style then: emulators and VPC endpoints
+/// have no per-bucket DNS names). Large part uploads get a longer attempt timeout than other calls.
+pub fn s3_client(sdk: &SdkConfig, aws: &AwsConfig) -> aws_sdk_s3::Client {
+    let mut conf = aws_sdk_s3::config::Builder::from(sdk).timeout_config(
+        TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .operation_attempt_timeout(std::time::Duration::from_secs(120))
+            .operation_timeout(std::time::Duration::from_secs(600))
+            .build(),
+    );
+    if let Some(url) = &aws.s3_endpoint {
+        conf = conf.endpoint_url(url).force_path_style(true);
+    }
+    aws_sdk_s3::Client::from_conf(conf.build())
+}
+
 /// The SES client, at `aws.ses-endpoint` when set.
 pub fn ses_client(sdk: &SdkConfig, aws: &AwsConfig) -> aws_sdk_ses::Client {
     let mut conf = aws_sdk_ses::config::Builder::from(sdk);

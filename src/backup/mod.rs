@@ -8,3 +8,5 @@ pub mod redis;
 pub mod retention;
 /// Calendar expressions for backups and drills.
 pub mod schedule;
+/// plaintext → zstd → age → S3 multipart, bounded memory, no disk.
+pub mod stream;

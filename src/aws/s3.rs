@@ -1,0 +1,203 @@
+//! S3: the multipart uploads backups stream into, small objects (manifests), listing and deletion.
+//! Every error names the operation, bucket and key.
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+
+#[derive(Debug, thiserror::Error)]
+#[error("S3 {operation} s3://{bucket}/{key}: {message}")]
+pub struct S3Error {
+    pub operation: &'static str,
+    pub bucket: String,
+    pub key: String,
+    pub message: String,
+}
+
+fn describe<E>(e: &aws_sdk_s3::error::SdkError<E>) -> String
+where
+    E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + 'static,
+{
+    match e {
+        aws_sdk_s3::error::SdkError::ServiceError(se) => {
+            let meta = aws_sdk_s3::error::ProvideErrorMetadata::meta(se.err());
+            format!("{}: {}", meta.code().unwrap_or("error"), meta.message().unwrap_or(""))
+        }
+        other => crate::http::error_chain(other),
+    }
+}
+
+#[derive(Clone)]
+pub struct S3 {
+    client: aws_sdk_s3::Client,
+}
+
+impl S3 {
+    pub fn new(client: aws_sdk_s3::Client) -> Self {
+        S3 { client }
+    }
+
+    fn err<E>(
+        operation: &'static str,
+        bucket: &str,
+        key: &str,
+    ) -> impl FnOnce(aws_sdk_s3::error::SdkError<E>) -> S3Error
+    where
+        E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + 'static,
+    {
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        move |e| S3Error { operation, message: describe(&e), bucket, key }
+    }
+
+    pub async fn create_multipart(&self, bucket: &str, key: &str) -> Result<String, S3Error> {
+        let out = self.client.create_multipart_upload().bucket(bucket).key(key).send().await.map_err(Self::err(
+            "CreateMultipartUpload",
+            bucket,
+            key,
+        ))?;
+        out.upload_id().map(str::to_string).ok_or_else(|| S3Error {
+            operation: "CreateMultipartUpload",
+            bucket: bucket.into(),
+            key: key.into(),
+            message: "no upload id in the answer".into(),
+        })
+    }
+
+    /// Uploads part `number` (1-based); returns its ETag.
+    pub async fn upload_part(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+    ) -> Result<String, S3Error> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(Self::err("UploadPart", bucket, key))?;
+        Ok(out.e_tag().unwrap_or_default().to_string())
+    }
+
+    pub async fn complete_multipart(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), S3Error> {
+        let parts = etags
+            .iter()
+            .enumerate()
+            .map(|(i, e)| CompletedPart::builder().part_number(i as i32 + 1).e_tag(e).build())
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(Self::err("CompleteMultipartUpload", bucket, key))?;
+        Ok(())
+    }
+
+    pub async fn abort_multipart(&self, bucket: &str, key: &str, upload_id: &str) -> Result<(), S3Error> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(Self::err("AbortMultipartUpload", bucket, key))?;
+        Ok(())
+    }
+
+    /// Multipart uploads in progress under `prefix`: (key, upload id).
+    pub async fn list_multipart_uploads(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, String)>, S3Error> {
+        let out =
+            self.client.list_multipart_uploads().bucket(bucket).prefix(prefix).send().await.map_err(Self::err(
+                "ListMultipartUploads",
+                bucket,
+                prefix,
+            ))?;
+        Ok(out.uploads().iter().filter_map(|u| Some((u.key()?.to_string(), u.upload_id()?.to_string()))).collect())
+    }
+
+    pub async fn put_object(&self, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), S3Error> {
+        self.client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(Self::err("PutObject", bucket, key))?;
+        Ok(())
+    }
+
+    /// The whole object in memory (manifests, tests); large objects are streamed with [`S3::get_stream`].
+    pub async fn get_object(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
+        match self.get_stream(bucket, key).await? {
+            None => Ok(None),
+            Some(body) => {
+                let data = body.collect().await.map_err(|e| S3Error {
+                    operation: "GetObject",
+                    bucket: bucket.into(),
+                    key: key.into(),
+                    message: e.to_string(),
+                })?;
+                Ok(Some(data.into_bytes().to_vec()))
+            }
+        }
+    }
+
+    /// The object's body as a stream; `None` when there is no such key.
+    pub async fn get_stream(&self, bucket: &str, key: &str) -> Result<Option<ByteStream>, S3Error> {
+        match self.client.get_object().bucket(bucket).key(key).send().await {
+            Ok(out) => Ok(Some(out.body)),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => Ok(None),
+            Err(e) => Err(Self::err("GetObject", bucket, key)(e)),
+        }
+    }
+
+    /// Every key under `prefix` (all pages).
+    pub async fn list_keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, S3Error> {
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(Self::err("ListObjectsV2", bucket, prefix))?;
+            keys.extend(out.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
+        self.client.delete_object().bucket(bucket).key(key).send().await.map_err(Self::err(
+            "DeleteObject",
+            bucket,
+            key,
+        ))?;
+        Ok(())
+    }
+}
