@@ -72,6 +72,36 @@ If the new configuration is invalid the daemon keeps the old one and this comman
     /// Check or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+
+    /// Take and list backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a backup now (a job in the daemon); follow its progress; exit 0 only on success.
+    #[command(
+        long_about = "Ask the daemon to take a backup now and follow it. PostgreSQL is dumped with pg_dump in one \
+exported snapshot (exact row counts recorded), Redis after a fresh BGSAVE; the stream is compressed (zstd), encrypted \
+(age) and uploaded to S3 as it is produced, without temporary files. The backup exists only once its manifest is \
+written, after the producer exited 0 and every part was uploaded; a failed backup leaves nothing and earlier \
+backups are untouched. Progress lines go to stdout (plain lines when it is not a terminal, as SSM Run Command \
+captures). Exit 0 on success, 1 on failure, 3 when the daemon is unreachable."
+    )]
+    Now {
+        /// What to back up.
+        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
+        kind: String,
+    },
+    /// List backups (those with a manifest), oldest first.
+    List {
+        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
+        kind: String,
+        /// Print JSON (the manifests).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

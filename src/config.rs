@@ -30,6 +30,7 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub supervise: SuperviseConfig,
     pub provision: ProvisionConfig,
+    pub backup: BackupConfig,
 }
 
 /// The daemon itself.
@@ -465,6 +466,44 @@ impl Default for ProvisionConfig {
     }
 }
 
+/// Backups to S3.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BackupConfig {
+    /// The bucket; unset disables backups.
+    pub bucket: Option<String>,
+    /// Key prefix: objects live at `PREFIX/KIND/YYYY/MM/DD/ID/`.
+    pub prefix: String,
+    /// The PostgreSQL database dumped.
+    pub database: String,
+    pub zstd_level: i32,
+    /// Bytes per uploaded part at the start (grows for very large streams; at least 5 MiB).
+    pub part_size: u64,
+    /// Parts uploaded at once; memory ≈ part-size × (2 × parts-in-flight + 1).
+    pub parts_in_flight: usize,
+    /// age X25519 recipients (`age1…`). When empty, the passphrase below is used.
+    pub recipients: Vec<String>,
+    /// The env file (a `[[secrets.file]]` name) and variable holding the backup passphrase.
+    pub passphrase_file: String,
+    pub passphrase_var: String,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            bucket: None,
+            prefix: "caretaker".into(),
+            database: "zmanim".into(),
+            zstd_level: 3,
+            part_size: 16 << 20,
+            parts_in_flight: 4,
+            recipients: vec![],
+            passphrase_file: "caretaker".into(),
+            passphrase_var: "BACKUP_PASSPHRASE".into(),
+        }
+    }
+}
+
 /// Alert emails through SES.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -775,6 +814,30 @@ fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> Result<(), 
     for e in &config.provision.extensions {
         if !ident_ok(&e.replace('-', "_")) {
             return Err(fail("provision.extensions", format!("`{e}` is not an extension name")));
+        }
+    }
+    let b = &config.backup;
+    if let Some(bucket) = &b.bucket
+        && (bucket.len() < 3
+            || !bucket.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'))
+    {
+        return Err(fail("backup.bucket", format!("`{bucket}` is not an S3 bucket name")));
+    }
+    if b.prefix.is_empty() || b.prefix.starts_with('/') || b.prefix.ends_with('/') || b.prefix.contains("..") {
+        return Err(fail(
+            "backup.prefix",
+            format!("`{}` must be a relative key prefix without a trailing /", b.prefix),
+        ));
+    }
+    if !(1..=19).contains(&b.zstd_level) {
+        return Err(fail("backup.zstd-level", format!("{} is not a zstd level (1–19)", b.zstd_level)));
+    }
+    if b.part_size < 5 << 20 || b.parts_in_flight == 0 || b.parts_in_flight > 32 {
+        return Err(fail("backup.part-size", "part-size must be at least 5 MiB and parts-in-flight 1–32".into()));
+    }
+    for r in &b.recipients {
+        if !r.starts_with("age1") {
+            return Err(fail("backup.recipients", format!("`{r}` is not an age X25519 recipient (age1…)")));
         }
     }
     if !config.notify.recipients.is_empty() && config.notify.sender.is_none() {

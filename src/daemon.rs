@@ -63,6 +63,8 @@ pub enum DaemonError {
 }
 
 struct Daemon {
+    /// What the control plane's jobs read; replaced on reload.
+    shared_config: Arc<std::sync::RwLock<crate::config::Config>>,
     state: DaemonState,
     sources: Sources,
     loaded: Loaded,
@@ -101,6 +103,7 @@ impl Daemon {
                     warn!("daemon.bus-address changed; it takes effect at the next restart");
                 }
                 self.levels.set(loaded.config.daemon.log_level);
+                *self.shared_config.write().unwrap_or_else(|p| p.into_inner()) = loaded.config.clone();
                 let files = file_list(&loaded.files);
                 info!(files = ?files, "configuration reloaded");
                 self.loaded = loaded;
@@ -231,15 +234,19 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     let bus_err = |source| DaemonError::Bus { address: address.clone(), source };
     let cancel = CancellationToken::new();
     let jobs = Jobs::new(cancel.child_token());
+    let shared_config = Arc::new(std::sync::RwLock::new(loaded.config.clone()));
     let connection = control::connect(address.as_deref())
         .await
-        .and_then(|b| b.name(BUS_NAME)?.serve_at(OBJECT_PATH, Control::new(status.clone(), req_tx, jobs.clone())))
+        .and_then(|b| {
+            b.name(BUS_NAME)?
+                .serve_at(OBJECT_PATH, Control::new(status.clone(), req_tx, jobs.clone(), shared_config.clone()))
+        })
         .map_err(bus_err)?
         .build()
         .await
         .map_err(bus_err)?;
 
-    let mut daemon = Daemon { state: DaemonState::Starting, sources, loaded, status, notifier, levels };
+    let mut daemon = Daemon { state: DaemonState::Starting, sources, loaded, status, notifier, levels, shared_config };
     let iface = connection
         .object_server()
         .interface::<_, Control>(OBJECT_PATH)

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use caretaker::cli::{Cli, Command, ConfigCommand, StatusArgs};
+use caretaker::cli::{BackupCommand, Cli, Command, ConfigCommand, StatusArgs};
 use caretaker::config::{self, LogLevel, Sources};
 use caretaker::control::client::{Client, ClientError};
 use caretaker::{daemon, exit, logging};
@@ -39,6 +39,8 @@ async fn run(cli: Cli) -> u8 {
         Command::Firstboot { json } => firstboot(&sources, json).await,
         Command::Status(args) => status(&cli_bus(&cli.bus_address, &sources), args).await,
         Command::Reload => reload(&cli_bus(&cli.bus_address, &sources)).await,
+        Command::Backup(BackupCommand::Now { kind }) => backup_now(&cli_bus(&cli.bus_address, &sources), &kind).await,
+        Command::Backup(BackupCommand::List { kind, json }) => backup_list(&sources, &kind, json).await,
         Command::Config(ConfigCommand::Check { path, json }) => config_check(path, sources, json),
         Command::Config(ConfigCommand::Show { json }) => config_show(&sources, json),
     }
@@ -91,6 +93,82 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
             exit::FAILURE
         }
     }
+}
+
+async fn backup_now(bus: &Option<String>, kind: &str) -> u8 {
+    let client = match Client::connect(bus.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return client_exit(&e);
+        }
+    };
+    let kind = kind.to_string();
+    let result =
+        client.run_job("BackupNow", move |p| async move { p.backup_now(&kind).await }, |line| println!("{line}")).await;
+    match result {
+        Ok(info) if info.state == caretaker::control::jobs::JobState::Succeeded => {
+            println!("ok: {}", info.summary);
+            exit::OK
+        }
+        Ok(info) => {
+            println!("FAILED: {}", info.summary);
+            exit::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            client_exit(&e)
+        }
+    }
+}
+
+async fn backup_list(sources: &Sources, kind: &str, json: bool) -> u8 {
+    let cfg = match config::load(sources) {
+        Ok(l) => l.config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    use caretaker::backup::run::{self, Kind};
+    let kinds: Vec<Kind> = match kind {
+        "all" => vec![Kind::Postgres, Kind::Redis],
+        k => Kind::parse(k).into_iter().collect(),
+    };
+    let s3 = match run::s3_for(&cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let mut all = Vec::new();
+    for k in kinds {
+        match run::list(&cfg, &s3, k).await {
+            Ok(mut m) => all.append(&mut m),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::FAILURE;
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all).expect("json"));
+    } else if all.is_empty() {
+        println!("no backups");
+    } else {
+        for m in &all {
+            println!(
+                "{:<8} {}  {:>10} → {:>10}  {}",
+                m.kind.as_str(),
+                m.id,
+                caretaker::control::client::human_bytes(m.plain_bytes),
+                caretaker::control::client::human_bytes(m.stored_bytes),
+                m.finished_at
+            );
+        }
+    }
+    exit::OK
 }
 
 /// The bus to reach the daemon on: `--bus-address`, else the configuration's, else the system bus.

@@ -6,6 +6,8 @@ pub mod postgres;
 pub mod redis;
 /// Which backups to keep.
 pub mod retention;
+/// One backup end to end, the manifest, listing.
+pub mod run;
 /// Calendar expressions for backups and drills.
 pub mod schedule;
 /// plaintext → zstd → age → S3 multipart, bounded memory, no disk.

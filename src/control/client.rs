@@ -25,6 +25,7 @@ pub trait Caretaker1 {
     fn status_json(&self) -> zbus::Result<String>;
     fn reload(&self) -> zbus::Result<()>;
     fn job_status(&self, id: &str) -> zbus::Result<String>;
+    fn backup_now(&self, kind: &str) -> zbus::Result<String>;
     #[zbus(signal)]
     fn job_progress(&self, id: String, message: String, done: u64, total: u64) -> zbus::Result<()>;
     #[zbus(signal)]

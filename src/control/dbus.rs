@@ -10,6 +10,7 @@ use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
 use super::jobs::Jobs;
+use crate::backup::run::Kind;
 
 /// Errors returned to D-Bus callers, as `io.shtetl.Caretaker1.Error.*`.
 #[derive(Debug, zbus::DBusError)]
@@ -64,11 +65,18 @@ pub struct Control {
     status: Arc<Mutex<DaemonStatus>>,
     requests: mpsc::Sender<Request>,
     jobs: Arc<Jobs>,
+    /// The configuration in force (replaced on reload).
+    config: Arc<std::sync::RwLock<crate::config::Config>>,
 }
 
 impl Control {
-    pub fn new(status: Arc<Mutex<DaemonStatus>>, requests: mpsc::Sender<Request>, jobs: Arc<Jobs>) -> Self {
-        Control { status, requests, jobs }
+    pub fn new(
+        status: Arc<Mutex<DaemonStatus>>,
+        requests: mpsc::Sender<Request>,
+        jobs: Arc<Jobs>,
+        config: Arc<std::sync::RwLock<crate::config::Config>>,
+    ) -> Self {
+        Control { status, requests, jobs, config }
     }
 
     fn snapshot(&self) -> DaemonStatus {
@@ -115,6 +123,53 @@ impl Control {
     #[zbus(property)]
     fn status_json(&self) -> String {
         serde_json::to_string(&self.snapshot()).unwrap_or_default()
+    }
+
+    /// Starts a backup job of `kind` (`all`, `postgres` or `redis`); returns the job id.
+    async fn backup_now(&self, kind: &str) -> Result<String, ControlError> {
+        let kinds =
+            match kind {
+                "all" => vec![Kind::Postgres, Kind::Redis],
+                k => vec![Kind::parse(k).ok_or_else(|| {
+                    ControlError::InvalidArgs(format!("kind `{k}` is not one of all, postgres, redis"))
+                })?],
+            };
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if cfg.backup.bucket.is_none() {
+            return Err(ControlError::InvalidArgs("backups are not configured: set backup.bucket".into()));
+        }
+        let description = format!("backup {kind}");
+        let info = self
+            .jobs
+            .start("backup", &description, move |ctx| {
+                Box::pin(async move {
+                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+                    let instance = crate::backup::run::instance_id();
+                    let mut done = Vec::new();
+                    for k in kinds {
+                        ctx.phase(&format!("{}: starting", k.as_str())).await;
+                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                        let work = crate::backup::run::backup(&cfg, &s3, k, &instance, move |line| {
+                            let _ = tx.send(line);
+                        });
+                        tokio::pin!(work);
+                        let manifest = loop {
+                            tokio::select! {
+                                r = &mut work => break r.map_err(|e| format!("{} backup failed: {e}", k.as_str()))?,
+                                Some(line) = rx.recv() => ctx.progress(&line, 0, 0).await,
+                                _ = ctx.cancel.cancelled() => return Err("cancelled: the daemon is stopping; the upload was aborted".into()),
+                            }
+                        };
+                        while let Ok(line) = rx.try_recv() {
+                            ctx.phase(&line).await;
+                        }
+                        done.push(format!("{} {} ({} stored)", k.as_str(), manifest.id, crate::control::client::human_bytes(manifest.stored_bytes)));
+                    }
+                    Ok(format!("backed up: {}", done.join(", ")))
+                })
+            })
+            .map_err(|b| ControlError::Busy(b.to_string()))?;
+        Ok(info.id)
     }
 
     /// A job's state as JSON (see `JobInfo`), for clients that missed its signals.

@@ -1,0 +1,303 @@
+//! One backup, end to end: producer → stream → (producer exited 0?) → complete → manifest, last.
+//! A backup exists only when its manifest exists (safety rule 3); anything else is aborted.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use super::postgres::{Snapshot, pg_dump_args};
+use super::stream::{Encryption, StreamConfig, upload};
+use crate::aws::s3::S3;
+use crate::config::Config;
+
+/// Object layout: `PREFIX/KIND/YYYY/MM/DD/ID/{data.zst.age, manifest.json}`.
+pub const DATA: &str = "data.zst.age";
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Postgres,
+    Redis,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Postgres => "postgres",
+            Kind::Redis => "redis",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "postgres" => Some(Kind::Postgres),
+            "redis" => Some(Kind::Redis),
+            _ => None,
+        }
+    }
+}
+
+/// `manifest.json`, written last. Never holds a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: u32,
+    pub id: String,
+    pub kind: Kind,
+    pub instance_id: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_ms: u64,
+    pub caretaker_version: String,
+    pub producer: String,
+    pub producer_version: String,
+    pub producer_exit_status: i32,
+    pub plain_bytes: u64,
+    pub plain_sha256: String,
+    pub stored_bytes: u64,
+    pub stored_sha256: String,
+    pub parts: usize,
+    pub compression: serde_json::Value,
+    pub encryption: serde_json::Value,
+    /// postgres: `{"database": …, "row_counts": {table: n}}`; redis: `{"dbsize": n}`.
+    pub details: serde_json::Value,
+}
+
+/// `20261122T030000Z-a1b2c3`: sorts by time.
+pub fn new_id(now: SystemTime) -> String {
+    let t = humantime::format_rfc3339_seconds(now).to_string().replace(['-', ':'], "");
+    let salt =
+        super::schedule::random_delay(std::time::Duration::from_secs(1 << 24), "id").as_millis() as u32 & 0xffffff;
+    format!("{t}-{salt:06x}")
+}
+
+/// `PREFIX/KIND/YYYY/MM/DD/ID/`.
+pub fn folder(prefix: &str, kind: Kind, id: &str) -> String {
+    let (y, m, d) = (&id[0..4], &id[4..6], &id[6..8]);
+    format!("{prefix}/{}/{y}/{m}/{d}/{id}/", kind.as_str())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("backups are not configured: set backup.bucket")]
+    NoBucket,
+    #[error("no encryption key: set backup.recipients or put {var} in {file}")]
+    NoKey { file: String, var: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("the producer {producer} failed ({status}): {stderr}; the upload was aborted, earlier backups are intact")]
+    Producer { producer: String, status: String, stderr: String },
+    #[error("{0}; the upload was aborted, earlier backups are intact")]
+    Stream(#[from] super::stream::StreamError),
+    #[error("{0}")]
+    S3(#[from] crate::aws::s3::S3Error),
+}
+
+/// The stream settings from the configuration (the passphrase read from its env file).
+pub fn stream_config(cfg: &Config) -> Result<StreamConfig, BackupError> {
+    let b = &cfg.backup;
+    let encryption = if !b.recipients.is_empty() {
+        let r: Result<Vec<_>, _> = b.recipients.iter().map(|r| r.parse::<age::x25519::Recipient>()).collect();
+        Encryption::Recipients(r.map_err(|e| BackupError::Setup(format!("backup.recipients: {e}")))?)
+    } else {
+        let file = cfg.secrets.env_dir.join(format!("{}.env", b.passphrase_file));
+        let no_key = || BackupError::NoKey { file: file.display().to_string(), var: b.passphrase_var.clone() };
+        let pass =
+            crate::boot::secrets::read_env_var(&file, &b.passphrase_var).map_err(|_| no_key())?.ok_or_else(no_key)?;
+        Encryption::Passphrase(age::secrecy::SecretString::from(pass.expose().to_string()))
+    };
+    Ok(StreamConfig {
+        part_size: b.part_size as usize,
+        parts_in_flight: b.parts_in_flight,
+        zstd_level: b.zstd_level,
+        encryption,
+    })
+}
+
+async fn tool_version(program: &str) -> String {
+    match tokio::process::Command::new(program).arg("--version").output().await {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Takes one backup of `kind`; returns its manifest once it exists.
+pub async fn backup(
+    cfg: &Config,
+    s3: &S3,
+    kind: Kind,
+    instance_id: &str,
+    progress: impl Fn(String) + Send + Sync + 'static,
+) -> Result<Manifest, BackupError> {
+    let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
+    let stream_cfg = stream_config(cfg)?;
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let id = new_id(started);
+    let folder = folder(&cfg.backup.prefix, kind, &id);
+    let data_key = format!("{folder}{DATA}");
+    let progress = std::sync::Arc::new(progress);
+    let p = progress.clone();
+    let on_part = move |stored: u64, parts: usize| {
+        p(format!(
+            "{kind} stored {} in {parts} parts",
+            crate::control::client::human_bytes(stored),
+            kind = kind.as_str()
+        ))
+    };
+
+    let (producer, producer_version, status, pending, details) = match kind {
+        Kind::Postgres => {
+            let target = crate::supervise::supervisor::pg_target(cfg);
+            let db = &cfg.backup.database;
+            progress(format!("postgres: exporting a snapshot of {db} and counting rows"));
+            let snapshot =
+                Snapshot::begin(&target, db).await.map_err(|e| BackupError::Setup(format!("postgres: {e}")))?;
+            let user = nix::unistd::User::from_name(&target.user)
+                .ok()
+                .flatten()
+                .ok_or_else(|| BackupError::Setup(format!("no OS user {}", target.user)))?;
+            let mut child = tokio::process::Command::new("pg_dump")
+                .args(pg_dump_args(&target, db, &snapshot.id))
+                .uid(user.uid.as_raw())
+                .gid(user.gid.as_raw())
+                .current_dir("/")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
+            progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}"));
+            let stdout = child.stdout.take().expect("piped");
+            let mut stderr = child.stderr.take().expect("piped");
+            let err_task = tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf).await;
+                String::from_utf8_lossy(&buf).trim().to_string()
+            });
+            let pending = upload(s3, &bucket, &data_key, stdout, stream_cfg.clone(), on_part).await;
+            let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;
+            let stderr = err_task.await.unwrap_or_default();
+            let counts = snapshot.row_counts.clone();
+            let _ = snapshot.end().await;
+            let pending = pending?;
+            if !status.success() {
+                let _ = pending.abort().await;
+                return Err(BackupError::Producer { producer: "pg_dump".into(), status: status.to_string(), stderr });
+            }
+            let details = serde_json::json!({ "database": db, "row_counts": counts });
+            ("pg_dump".to_string(), tool_version("pg_dump").await, status, pending, details)
+        }
+        Kind::Redis => {
+            progress("redis: BGSAVE".into());
+            let saved = super::redis::bgsave(&cfg.services.redis.url, std::time::Duration::from_secs(600))
+                .await
+                .map_err(|e| BackupError::Setup(format!("redis: {e}")))?;
+            let file = tokio::fs::File::open(&saved.rdb_path)
+                .await
+                .map_err(|e| BackupError::Setup(format!("cannot read {}: {e}", saved.rdb_path.display())))?;
+            progress(format!("redis: streaming {} to s3://{bucket}/{data_key}", saved.rdb_path.display()));
+            let pending = upload(s3, &bucket, &data_key, file, stream_cfg.clone(), on_part).await?;
+            let details =
+                serde_json::json!({ "dbsize": saved.dbsize, "lastsave": saved.lastsave, "rdb": saved.rdb_path });
+            let status = std::process::ExitStatus::default();
+            (format!("redis {}", saved.redis_version), saved.redis_version.clone(), status, pending, details)
+        }
+    };
+    let manifest = Manifest {
+        schema: 1,
+        id: id.clone(),
+        kind,
+        instance_id: instance_id.to_string(),
+        started_at: humantime::format_rfc3339_seconds(started).to_string(),
+        finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        duration_ms: clock.elapsed().as_millis() as u64,
+        caretaker_version: crate::VERSION.into(),
+        producer,
+        producer_version,
+        producer_exit_status: status.code().unwrap_or(0),
+        plain_bytes: pending.plain_bytes,
+        plain_sha256: pending.plain_sha256.clone(),
+        stored_bytes: pending.stored_bytes,
+        stored_sha256: pending.stored_sha256.clone(),
+        parts: pending.parts(),
+        compression: serde_json::json!({ "algorithm": "zstd", "level": stream_cfg.zstd_level }),
+        encryption: stream_cfg.encryption.describe(),
+        details,
+    };
+    pending.complete().await?;
+    let mut json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    json.push(b'\n');
+    s3.put_object(&bucket, &format!("{folder}{MANIFEST}"), json).await?;
+    progress(format!(
+        "{}: backup {id} complete: {} → {} stored",
+        kind.as_str(),
+        crate::control::client::human_bytes(manifest.plain_bytes),
+        crate::control::client::human_bytes(manifest.stored_bytes)
+    ));
+    Ok(manifest)
+}
+
+/// The S3 client for backups: region from the configuration, else from firstboot's instance.env.
+pub async fn s3_for(cfg: &Config) -> Result<S3, BackupError> {
+    let region = cfg
+        .aws
+        .region
+        .clone()
+        .or_else(|| instance_var("REGION"))
+        .ok_or_else(|| BackupError::Setup("no AWS region: set aws.region (or run caretaker firstboot)".into()))?;
+    let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
+    Ok(S3::new(crate::aws::sdk::s3_client(&sdk, &cfg.aws)))
+}
+
+fn instance_var(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/run/caretaker/instance.env").ok()?;
+    text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string).filter(|v| !v.is_empty())
+}
+
+/// This instance's id (from firstboot's instance.env), or the host name.
+pub fn instance_id() -> String {
+    instance_var("INSTANCE_ID")
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// Every backup (manifest) of `kind` under the prefix, oldest first. Data without a manifest is
+/// not a backup and is not listed.
+pub async fn list(cfg: &Config, s3: &S3, kind: Kind) -> Result<Vec<Manifest>, BackupError> {
+    let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
+    let prefix = format!("{}/{}/", cfg.backup.prefix, kind.as_str());
+    let mut out = Vec::new();
+    for key in s3.list_keys(&bucket, &prefix).await? {
+        if key.ends_with(&format!("/{MANIFEST}"))
+            && let Some(bytes) = s3.get_object(&bucket, &key).await?
+            && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
+        {
+            out.push(m);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// The row counts of a postgres manifest.
+pub fn row_counts(m: &Manifest) -> BTreeMap<String, i64> {
+    serde_json::from_value(m.details["row_counts"].clone()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_place_in_folders() {
+        let a = new_id(humantime::parse_rfc3339("2026-11-22T03:00:00Z").unwrap());
+        let b = new_id(humantime::parse_rfc3339("2026-11-22T03:00:01Z").unwrap());
+        assert!(a < b, "{a} {b}");
+        assert!(a.starts_with("20261122T030000Z-") && a.len() == 23, "{a}");
+        assert_eq!(folder("caretaker", Kind::Postgres, &a), format!("caretaker/postgres/2026/11/22/{a}/"));
+    }
+}
