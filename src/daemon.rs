@@ -149,6 +149,33 @@ async fn start_supervision(
     crate::supervise::supervisor::supervise(cfg, systemd, alerts, status, cancel).await;
 }
 
+/// Multipart uploads under our prefix left by a daemon that died mid-backup (SIGKILL, power loss)
+/// are aborted at start: no job of ours is running yet, so none of them can still complete.
+async fn abort_stale_uploads(cfg: &crate::config::Config) {
+    let Some(bucket) = cfg.backup.bucket.clone() else { return };
+    let s3 = match crate::backup::run::s3_for(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot check for stale uploads: {e}");
+            return;
+        }
+    };
+    let prefix = format!("{}/", cfg.backup.prefix);
+    match s3.list_multipart_uploads(&bucket, &prefix).await {
+        Ok(uploads) => {
+            for (key, id) in uploads {
+                match s3.abort_multipart(&bucket, &key, &id).await {
+                    Ok(()) => {
+                        info!("aborted a stale multipart upload of s3://{bucket}/{key} (left by an interrupted backup)")
+                    }
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        }
+        Err(e) => warn!("cannot list stale uploads: {e}"),
+    }
+}
+
 /// Alerts with an SES mailer when `notify.sender` is set. The region comes from the config, the
 /// instance.env firstboot wrote, or IMDS.
 pub async fn build_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts {
@@ -260,6 +287,10 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     jobs.set_emitter(iface.signal_emitter().clone());
     // Background work (supervision, jobs) runs in these tasks and is cancelled on shutdown.
     let mut tasks: JoinSet<()> = JoinSet::new();
+    if daemon.loaded.config.backup.bucket.is_some() {
+        let cfg = daemon.loaded.config.clone();
+        tasks.spawn(async move { abort_stale_uploads(&cfg).await });
+    }
     if daemon.loaded.config.supervise.enabled {
         let cfg = Arc::new(daemon.loaded.config.clone());
         let (conn, status, cancel) = (connection.clone(), daemon.status.clone(), cancel.clone());

@@ -70,3 +70,39 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     assert_eq!(hex::encode(sha2::Sha256::digest(&plain)), pg["plain_sha256"].as_str().unwrap());
     assert!(!obj.body.windows(8).any(|w| w == b"city 123"), "plaintext in the stored object");
 }
+
+#[test]
+fn uploads_left_by_a_killed_daemon_are_aborted_at_start() {
+    let b = LabBox::start("bk-stale", BoxOptions { services: false, ..Default::default() }).expect("lab box boots");
+    let moto = Moto::start_in_netns(b.pid1()).expect("moto");
+    assert_eq!(moto.request("PUT", "/backups", &[s3_auth()], b"").unwrap().status, 200);
+    // What a daemon killed mid-backup leaves: an upload with a part, never completed.
+    let create = moto
+        .request("POST", "/backups/caretaker/postgres/2026/11/22/x/data.zst.age?uploads", &[s3_auth()], b"")
+        .unwrap();
+    assert_eq!(create.status, 200, "{}", create.text());
+    let listed = |m: &Moto| m.request("GET", "/backups?uploads", &[s3_auth()], b"").unwrap().text();
+    assert!(listed(&moto).contains("<UploadId>"), "{}", listed(&moto));
+    let config = format!(
+        "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{}\"\n[backup]\nbucket = \"backups\"\n",
+        moto.endpoint()
+    );
+    b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
+    b.write_file(
+        "/run/systemd/system/caretaker.service.d/50-lab.conf",
+        b"[Service]\nEnvironment=AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing\n",
+        0o644,
+    )
+    .unwrap();
+    b.sh_ok("systemctl daemon-reload && systemctl start caretaker");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while listed(&moto).contains("<UploadId>") {
+        assert!(std::time::Instant::now() < end, "stale upload not aborted: {}", b.journal("caretaker.service"));
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b.journal("caretaker.service").contains("aborted a stale multipart upload") {
+        assert!(std::time::Instant::now() < end, "{}", b.journal("caretaker.service"));
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
