@@ -27,7 +27,7 @@ cleanup() {
 trap cleanup EXIT
 truncate -s 512M "$work/data.img"
 mkfs.xfs -q "$work/data.img"
-out=$(dev/lab up "$box" --no-services --volume "$work/data.img:512M" 2>/dev/null)
+out=$(dev/lab up "$box" --owner $$ --no-services --volume "$work/data.img:512M" 2>/dev/null)
 pid1=$(sed -n 's/^pid1=//p' <<<"$out")
 dev=$(sed -n 's/^volume=//p' <<<"$out")
 nsenter -t "$pid1" -n -- target/debug/imds-fake --listen 127.0.0.1:1338 >"$work/imds.log" 2>&1 &

@@ -14,7 +14,7 @@ secs=${1:-60}
 cargo build --bins --locked --quiet $([[ $profile == release ]] && echo --release)
 box="ct-bench-idle-$$"
 trap 'dev/lab down "$box" >/dev/null 2>&1 || true' EXIT
-pid1=$(dev/lab up "$box" --no-services | sed -n 's/^pid1=//p')
+pid1=$(dev/lab up "$box" --owner $$ --no-services | sed -n 's/^pid1=//p')
 [[ $profile == release ]] && dev/lab exec "$box" ln -sfn /opt/target/release/caretaker /usr/bin/caretaker
 dev/lab exec "$box" systemctl start caretaker.service
 host_pid=$(daemon_host_pid "$box" "$pid1")

@@ -14,7 +14,7 @@ trials=${2:-10}
 cargo build --workspace --bins --locked --quiet
 box="ct-bench-sup-$$"
 trap 'dev/lab down "$box" >/dev/null 2>&1 || true' EXIT
-pid1=$(dev/lab up "$box" | sed -n 's/^pid1=//p')
+pid1=$(dev/lab up "$box" --owner $$ | sed -n 's/^pid1=//p')
 dev/lab exec "$box" sh -c 'mkdir -p /etc/caretaker/caretaker.d && printf "[supervise]\nenabled = true\n[provision]\nenabled = false\n" > /etc/caretaker/caretaker.d/50-bench.toml'
 dev/lab exec "$box" systemctl start zmanim-api.service caretaker.service
 status() { dev/lab exec "$box" caretaker status --json; }
