@@ -94,6 +94,18 @@ captures). Exit 0 on success, 1 on failure, 3 when the daemon is unreachable."
         #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
         kind: String,
     },
+    /// Delete backups beyond retention (backup.keep-daily, keep-weekly); --dry-run only lists them.
+    #[command(
+        long_about = "Apply retention: keep the newest backup of each of the last backup.keep-daily days and of \
+each of the last backup.keep-weekly weeks; the newest backup and the newest verified backup are always kept. A \
+backup is deleted manifest first (it stops existing at once), then its data. With --dry-run nothing is deleted; \
+each backup is listed with keep or would-delete and the reason."
+    )]
+    Prune {
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List backups (those with a manifest), oldest first.
     List {
         #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]

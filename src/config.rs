@@ -486,6 +486,10 @@ pub struct BackupConfig {
     /// The env file (a `[[secrets.file]]` name) and variable holding the backup passphrase.
     pub passphrase_file: String,
     pub passphrase_var: String,
+    /// Retention: the newest backup of each of the last N days, and of each of the last M weeks.
+    /// The newest backup and the newest verified backup are always kept.
+    pub keep_daily: usize,
+    pub keep_weekly: usize,
 }
 
 impl Default for BackupConfig {
@@ -500,6 +504,8 @@ impl Default for BackupConfig {
             recipients: vec![],
             passphrase_file: "caretaker".into(),
             passphrase_var: "BACKUP_PASSPHRASE".into(),
+            keep_daily: 7,
+            keep_weekly: 4,
         }
     }
 }

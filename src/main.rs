@@ -40,6 +40,9 @@ async fn run(cli: Cli) -> u8 {
         Command::Status(args) => status(&cli_bus(&cli.bus_address, &sources), args).await,
         Command::Reload => reload(&cli_bus(&cli.bus_address, &sources)).await,
         Command::Backup(BackupCommand::Now { kind }) => backup_now(&cli_bus(&cli.bus_address, &sources), &kind).await,
+        Command::Backup(BackupCommand::Prune { dry_run }) => {
+            backup_prune(&cli_bus(&cli.bus_address, &sources), dry_run).await
+        }
         Command::Backup(BackupCommand::List { kind, json }) => backup_list(&sources, &kind, json).await,
         Command::Config(ConfigCommand::Check { path, json }) => config_check(path, sources, json),
         Command::Config(ConfigCommand::Show { json }) => config_show(&sources, json),
@@ -96,6 +99,20 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
 }
 
 async fn backup_now(bus: &Option<String>, kind: &str) -> u8 {
+    let kind = kind.to_string();
+    follow_job(bus, "BackupNow", move |p| async move { p.backup_now(&kind).await }).await
+}
+
+async fn backup_prune(bus: &Option<String>, dry_run: bool) -> u8 {
+    follow_job(bus, "Prune", move |p| async move { p.prune(dry_run).await }).await
+}
+
+/// Starts a job with `start`, prints its progress, and maps its outcome to the exit status.
+async fn follow_job<F, Fut>(bus: &Option<String>, method: &'static str, start: F) -> u8
+where
+    F: FnOnce(caretaker::control::client::Caretaker1Proxy<'static>) -> Fut,
+    Fut: std::future::Future<Output = zbus::Result<String>>,
+{
     let client = match Client::connect(bus.as_deref()).await {
         Ok(c) => c,
         Err(e) => {
@@ -103,10 +120,7 @@ async fn backup_now(bus: &Option<String>, kind: &str) -> u8 {
             return client_exit(&e);
         }
     };
-    let kind = kind.to_string();
-    let result =
-        client.run_job("BackupNow", move |p| async move { p.backup_now(&kind).await }, |line| println!("{line}")).await;
-    match result {
+    match client.run_job(method, start, |line| println!("{line}")).await {
         Ok(info) if info.state == caretaker::control::jobs::JobState::Succeeded => {
             println!("ok: {}", info.summary);
             exit::OK

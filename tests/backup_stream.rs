@@ -129,3 +129,60 @@ async fn s3_unreachable_fails_in_bounded_time_with_a_clear_message() {
     let msg = err.to_string();
     assert!(msg.contains("CreateMultipartUpload") && msg.contains("s3://backups/k"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_rest_whole() {
+    use caretaker::backup::run::{Kind, Manifest, folder, list, prune};
+    let moto = Moto::start().unwrap();
+    let s3 = bucket(&moto, "backups").await;
+    let mut cfg = caretaker::config::Config::default();
+    cfg.backup.bucket = Some("backups".into());
+    cfg.backup.keep_daily = 3;
+    cfg.backup.keep_weekly = 2;
+    // One backup a day for 20 days (2026-11-02 is a Monday); only an old one was ever verified.
+    let mut ids = Vec::new();
+    for day in 0..20u64 {
+        let started = humantime::parse_rfc3339("2026-11-02T03:00:00Z").unwrap() + Duration::from_secs(day * 86400);
+        let id = caretaker::backup::run::new_id(started);
+        let m = Manifest {
+            schema: 1,
+            id: id.clone(),
+            kind: Kind::Postgres,
+            instance_id: "i-0".into(),
+            started_at: humantime::format_rfc3339_seconds(started).to_string(),
+            finished_at: humantime::format_rfc3339_seconds(started).to_string(),
+            duration_ms: 1,
+            caretaker_version: "test".into(),
+            producer: "pg_dump".into(),
+            producer_version: String::new(),
+            producer_exit_status: 0,
+            plain_bytes: 1,
+            plain_sha256: String::new(),
+            stored_bytes: 1,
+            stored_sha256: String::new(),
+            parts: 1,
+            compression: serde_json::json!({}),
+            encryption: serde_json::json!({}),
+            details: serde_json::json!({}),
+        };
+        let f = folder("caretaker", Kind::Postgres, &id);
+        s3.put_object("backups", &format!("{f}data.zst.age"), b"x".to_vec()).await.unwrap();
+        s3.put_object("backups", &format!("{f}manifest.json"), serde_json::to_vec(&m).unwrap()).await.unwrap();
+        if day == 2 {
+            s3.put_object("backups", &format!("{f}verify.json"), br#"{"ok": true}"#.to_vec()).await.unwrap();
+        }
+        ids.push(id);
+    }
+    let dry = prune(&cfg, &s3, true).await.unwrap();
+    assert_eq!(dry[0].decisions.iter().filter(|d| !d.keep).count(), 15);
+    assert_eq!(list(&cfg, &s3, Kind::Postgres).await.unwrap().len(), 20, "a dry run deletes nothing");
+
+    prune(&cfg, &s3, false).await.unwrap();
+    let left: Vec<String> = list(&cfg, &s3, Kind::Postgres).await.unwrap().into_iter().map(|m| m.id).collect();
+    // Days 17, 18, 19 (daily; 19 is also this week's newest), day 13 (last week's newest: Sunday),
+    // and day 2 (the newest verified).
+    let want: Vec<String> = [2usize, 13, 17, 18, 19].iter().map(|d| ids[*d].clone()).collect();
+    assert_eq!(left, want);
+    let keys = s3.list_keys("backups", "caretaker/").await.unwrap();
+    assert_eq!(keys.iter().filter(|k| k.ends_with("data.zst.age")).count(), 5, "data of pruned backups deleted too");
+}

@@ -283,6 +283,49 @@ pub async fn list(cfg: &Config, s3: &S3, kind: Kind) -> Result<Vec<Manifest>, Ba
     Ok(out)
 }
 
+/// `verify.json`, stored beside a backup by a restore drill.
+pub const VERIFY: &str = "verify.json";
+
+/// What pruning did (or, dry, would do): per backup, kept or deleted and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    pub kind: Kind,
+    pub decisions: Vec<super::retention::Decision>,
+    pub dry_run: bool,
+}
+
+/// Applies retention to every kind: deletes what the plan does not keep — the manifest first (so
+/// the backup stops existing), then the rest of its folder.
+pub async fn prune(cfg: &Config, s3: &S3, dry_run: bool) -> Result<Vec<PruneReport>, BackupError> {
+    let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
+    let mut reports = Vec::new();
+    for kind in [Kind::Postgres, Kind::Redis] {
+        let manifests = list(cfg, s3, kind).await?;
+        let mut refs = Vec::new();
+        for m in &manifests {
+            let folder = folder(&cfg.backup.prefix, kind, &m.id);
+            let verified = match s3.get_object(&bucket, &format!("{folder}{VERIFY}")).await? {
+                Some(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v["ok"] == true),
+                None => false,
+            };
+            let started = humantime::parse_rfc3339(&m.started_at).unwrap_or(SystemTime::UNIX_EPOCH);
+            refs.push(super::retention::BackupRef { id: m.id.clone(), started, verified });
+        }
+        let decisions = super::retention::plan(&refs, cfg.backup.keep_daily, cfg.backup.keep_weekly);
+        if !dry_run {
+            for d in decisions.iter().filter(|d| !d.keep) {
+                let folder = folder(&cfg.backup.prefix, kind, &d.id);
+                s3.delete_object(&bucket, &format!("{folder}{MANIFEST}")).await?;
+                for key in s3.list_keys(&bucket, &folder).await? {
+                    s3.delete_object(&bucket, &key).await?;
+                }
+            }
+        }
+        reports.push(PruneReport { kind, decisions, dry_run });
+    }
+    Ok(reports)
+}
+
 /// The row counts of a postgres manifest.
 pub fn row_counts(m: &Manifest) -> BTreeMap<String, i64> {
     serde_json::from_value(m.details["row_counts"].clone()).unwrap_or_default()

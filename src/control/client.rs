@@ -26,6 +26,7 @@ pub trait Caretaker1 {
     fn reload(&self) -> zbus::Result<()>;
     fn job_status(&self, id: &str) -> zbus::Result<String>;
     fn backup_now(&self, kind: &str) -> zbus::Result<String>;
+    fn prune(&self, dry_run: bool) -> zbus::Result<String>;
     #[zbus(signal)]
     fn job_progress(&self, id: String, message: String, done: u64, total: u64) -> zbus::Result<()>;
     #[zbus(signal)]

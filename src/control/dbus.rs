@@ -172,6 +172,40 @@ impl Control {
         Ok(info.id)
     }
 
+    /// Applies retention (keep-daily, keep-weekly; never the newest or the newest verified backup):
+    /// deletes what is not kept, or with `dry_run` only says what would go. Returns the job id.
+    async fn prune(&self, dry_run: bool) -> Result<String, ControlError> {
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if cfg.backup.bucket.is_none() {
+            return Err(ControlError::InvalidArgs("backups are not configured: set backup.bucket".into()));
+        }
+        let description = if dry_run { "prune (dry run)" } else { "prune" };
+        let info = self
+            .jobs
+            .start("prune", description, move |ctx| {
+                Box::pin(async move {
+                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+                    let reports = crate::backup::run::prune(&cfg, &s3, dry_run).await.map_err(|e| e.to_string())?;
+                    let mut gone = 0;
+                    let mut kept = 0;
+                    for r in &reports {
+                        for d in &r.decisions {
+                            let verb = match (d.keep, dry_run) {
+                                (true, _) => "keep",
+                                (false, true) => "would delete",
+                                (false, false) => "deleted",
+                            };
+                            ctx.phase(&format!("{} {} {verb} {}", r.kind.as_str(), d.id, d.reasons.join(", "))).await;
+                            if d.keep { kept += 1 } else { gone += 1 }
+                        }
+                    }
+                    Ok(format!("{kept} kept, {gone} {}", if dry_run { "would be deleted" } else { "deleted" }))
+                })
+            })
+            .map_err(|b| ControlError::Busy(b.to_string()))?;
+        Ok(info.id)
+    }
+
     /// A job's state as JSON (see `JobInfo`), for clients that missed its signals.
     fn job_status(&self, id: &str) -> Result<String, ControlError> {
         self.jobs
