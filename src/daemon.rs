@@ -179,17 +179,16 @@ async fn abort_stale_uploads(cfg: &crate::config::Config) {
 /// Alerts with an SES mailer when `notify.sender` is set. The region comes from the config, the
 /// instance.env firstboot wrote, or IMDS.
 pub async fn build_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts {
-    let instance = std::fs::read_to_string("/run/caretaker/instance.env").unwrap_or_default();
-    let var = |k: &str| instance.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_string);
+    let var = crate::boot::firstboot::instance_var;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let origin = match var("INSTANCE_ID") {
-        Some(id) if !id.is_empty() => format!("{id} ({host})"),
-        _ => host,
+        Some(id) => format!("{id} ({host})"),
+        None => host,
     };
     let mailer = match &cfg.notify.sender {
         None => None,
         Some(from) => {
-            let region = match cfg.aws.region.clone().or_else(|| var("REGION").filter(|r| !r.is_empty())) {
+            let region = match cfg.aws.region.clone().or_else(|| var("REGION")) {
                 Some(r) => Some(r),
                 None => {
                     let imds = crate::aws::imds::ImdsClient::new(&cfg.aws.imds_endpoint, cfg.aws.imds_deadline.get());

@@ -6,6 +6,8 @@ use std::io::Read;
 use caretaker_testkit::lab::{BoxOptions, LabBox};
 use caretaker_testkit::moto::Moto;
 
+const TEST_CREDENTIALS: &[(&str, &str)] = &[("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
+
 fn s3_auth() -> (&'static str, &'static str) {
     (
         "Authorization",
@@ -26,12 +28,7 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
         identity.to_public()
     );
     b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
-    b.write_file(
-        "/run/systemd/system/caretaker.service.d/50-lab.conf",
-        b"[Service]\nEnvironment=AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing\n",
-        0o644,
-    )
-    .unwrap();
+    b.set_unit_env("caretaker.service", TEST_CREDENTIALS).unwrap();
     b.sh_ok(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
          runuser -u postgres -- psql -d zmanim -qc \"create table cities(id int primary key, name text); \
@@ -88,12 +85,7 @@ fn uploads_left_by_a_killed_daemon_are_aborted_at_start() {
         moto.endpoint()
     );
     b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
-    b.write_file(
-        "/run/systemd/system/caretaker.service.d/50-lab.conf",
-        b"[Service]\nEnvironment=AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing\n",
-        0o644,
-    )
-    .unwrap();
+    b.set_unit_env("caretaker.service", TEST_CREDENTIALS).unwrap();
     b.sh_ok("systemctl daemon-reload && systemctl start caretaker");
     let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while listed(&moto).contains("<UploadId>") {

@@ -247,20 +247,15 @@ pub async fn s3_for(cfg: &Config) -> Result<S3, BackupError> {
         .aws
         .region
         .clone()
-        .or_else(|| instance_var("REGION"))
+        .or_else(|| crate::boot::firstboot::instance_var("REGION"))
         .ok_or_else(|| BackupError::Setup("no AWS region: set aws.region (or run caretaker firstboot)".into()))?;
     let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
     Ok(S3::new(crate::aws::sdk::s3_client(&sdk, &cfg.aws)))
 }
 
-fn instance_var(key: &str) -> Option<String> {
-    let text = std::fs::read_to_string("/run/caretaker/instance.env").ok()?;
-    text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string).filter(|v| !v.is_empty())
-}
-
 /// This instance's id (from firstboot's instance.env), or the host name.
 pub fn instance_id() -> String {
-    instance_var("INSTANCE_ID")
+    crate::boot::firstboot::instance_var("INSTANCE_ID")
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_default()
 }

@@ -19,6 +19,13 @@ pub const RUN_DIR: &str = "/run/caretaker";
 /// caretaker's state on the root disk (survives reboots, not instance replacement).
 pub const STATE_DIR: &str = "/var/lib/caretaker";
 
+/// A value from the `instance.env` firstboot wrote (`INSTANCE_ID`, `REGION`, …); `None` when the
+/// file or the key is absent or empty.
+pub fn instance_var(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(Path::new(RUN_DIR).join("instance.env")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string).filter(|v| !v.is_empty())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FirstbootError {
     #[error("instance identity: {0}")]

@@ -280,6 +280,17 @@ impl LabBox {
         cmd
     }
 
+    /// Gives `unit` extra environment through a runtime drop-in and reloads systemd (for example
+    /// the dummy AWS credentials the emulators accept).
+    pub fn set_unit_env(&self, unit: &str, vars: &[(&str, &str)]) -> anyhow::Result<()> {
+        let line: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let body = format!("[Service]\nEnvironment={}\n", line.join(" "));
+        self.write_file(&format!("/run/systemd/system/{unit}.d/50-lab-env.conf"), body.as_bytes(), 0o644)?;
+        let out = self.exec(&["systemctl", "daemon-reload"]);
+        anyhow::ensure!(out.status.success(), "daemon-reload failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
     /// The unit's journal inside the box (messages only).
     pub fn journal(&self, unit: &str) -> String {
         String::from_utf8_lossy(&self.exec(&["journalctl", "-u", unit, "--no-pager", "-o", "cat"]).stdout).into_owned()
