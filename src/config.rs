@@ -31,6 +31,7 @@ pub struct Config {
     pub supervise: SuperviseConfig,
     pub provision: ProvisionConfig,
     pub backup: BackupConfig,
+    pub release: ReleaseConfig,
 }
 
 /// The daemon itself.
@@ -510,6 +511,44 @@ impl Default for BackupConfig {
     }
 }
 
+/// Releases of the API: where `caretaker update` fetches them and how it checks them.
+/// Layout in the bucket: `APP/VERSION/ARTIFACT`, `APP/VERSION/SHA256SUMS` (sha256sum lines),
+/// optionally `APP/VERSION/SHA256SUMS.sig`, and `APP/LATEST` holding the newest version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReleaseConfig {
+    /// The releases bucket; unset disables updates.
+    pub bucket: Option<String>,
+    /// First key component: the application's folder in the bucket.
+    pub app: String,
+    /// The executable's file name, in the bucket and under `services.api.install-dir/releases/VERSION/`.
+    pub artifact: String,
+    /// Ed25519 public key, 64 hex digits (the raw 32-byte key). When set, a release is installed only
+    /// with a valid `SHA256SUMS.sig` (the raw 64-byte signature, or it in hex) over `SHA256SUMS`.
+    pub public_key: Option<String>,
+    /// Releases kept on disk after a successful update; the current and the previous one are kept
+    /// whatever this says.
+    pub keep: usize,
+    /// The health gate after a switch: this many consecutive healthy probes ...
+    pub health_gate_consecutive: u32,
+    /// ... within this long, or the update is rolled back.
+    pub health_gate_timeout: Seconds,
+}
+
+impl Default for ReleaseConfig {
+    fn default() -> Self {
+        ReleaseConfig {
+            bucket: None,
+            app: "zmanim-api".into(),
+            artifact: "zmanim-api".into(),
+            public_key: None,
+            keep: 3,
+            health_gate_consecutive: 3,
+            health_gate_timeout: Seconds::from_secs(60),
+        }
+    }
+}
+
 /// Alert emails through SES.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -846,6 +885,39 @@ fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> Result<(), 
             return Err(fail("backup.recipients", format!("`{r}` is not an age X25519 recipient (age1…)")));
         }
     }
+    let r = &config.release;
+    if let Some(bucket) = &r.bucket
+        && (bucket.len() < 3
+            || !bucket.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'))
+    {
+        return Err(fail("release.bucket", format!("`{bucket}` is not an S3 bucket name")));
+    }
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && !s.starts_with('.')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    for (key, v) in [("release.app", &r.app), ("release.artifact", &r.artifact)] {
+        if !name_ok(v) {
+            return Err(fail(key, format!("`{v}` must be letters, digits, . _ - (not starting with .), at most 64")));
+        }
+    }
+    if let Some(k) = &r.public_key
+        && let Err(e) = crate::release::verify::parse_public_key(k)
+            .and_then(|_| if k.len() == 64 { Ok(()) } else { Err("surrounding spaces".into()) })
+    {
+        return Err(fail("release.public-key", format!("must be an Ed25519 public key as 64 hex digits: {e}")));
+    }
+    if r.keep == 0 {
+        return Err(fail("release.keep", "must be at least 1".into()));
+    }
+    if r.health_gate_consecutive == 0 {
+        return Err(fail("release.health-gate-consecutive", "must be at least 1".into()));
+    }
+    if r.health_gate_timeout.get() < Duration::from_secs(1) {
+        return Err(fail("release.health-gate-timeout", "must be at least 1s".into()));
+    }
     if !config.notify.recipients.is_empty() && config.notify.sender.is_none() {
         return Err(fail("notify.recipients", "recipients are set but notify.sender is not".into()));
     }
@@ -999,6 +1071,9 @@ mod tests {
             ("[notify]\nrecipients = [\"ops@example.com\"]\n", "sender is not"),
             ("[secrets]\nenv-dir = \"/etc/caretaker/env\"\n", "under /run"),
             ("[daemon]\nlog-level = \"loud\"\n", "unknown variant"),
+            ("[release]\npublic-key = \"abc\"\n", "64 hex digits"),
+            ("[release]\nartifact = \"../bin/sh\"\n", "release.artifact"),
+            ("[release]\nhealth-gate-consecutive = 0\n", "at least 1"),
         ] {
             let dir = tempfile::tempdir().unwrap();
             write(dir.path(), "caretaker.toml", text);

@@ -28,6 +28,8 @@ pub mod logging;
 pub mod notify;
 /// PostgreSQL access as the database's OS user (peer authentication).
 pub mod pg;
+/// Releases of the API: fetch, verify, switch, health gate, roll back.
+pub mod release;
 /// Supervision of postgres, redis and the API.
 pub mod supervise;
 /// systemd integration (sd_notify).

@@ -10,6 +10,8 @@ pub mod lab;
 pub mod moto;
 /// Free TCP ports on loopback and other small helpers.
 pub mod ports;
+/// SSM Run Command simulated: document parameters checked and substituted as SSM does, run with `sh`.
+pub mod ssmdoc;
 
 /// The repository root (the folder holding the workspace Cargo.toml).
 pub fn repo_root() -> std::path::PathBuf {
