@@ -76,6 +76,36 @@ If the new configuration is invalid the daemon keeps the old one and this comman
     /// Take and list backups.
     #[command(subcommand)]
     Backup(BackupCommand),
+
+    /// Update the API to a release from the releases bucket; roll back by itself if it is unhealthy.
+    #[command(long_about = "Ask the daemon to update the API (a job; progress is printed as it goes). In order: \
+validate the version; fetch RELEASE-BUCKET/APP/VERSION/SHA256SUMS (and SHA256SUMS.sig, refused without a valid \
+signature when release.public-key is set); stream the artifact to services.api.install-dir/releases/VERSION/ under \
+a temporary name, fsync it and check its SHA-256; switch the `current` link atomically; restart the API unit; \
+health-gate it (release.health-gate-consecutive healthy probes within release.health-gate-timeout). When the gate \
+fails, `current` goes back to the previous release, the API is restarted and confirmed healthy, one alert email is \
+sent, and the command exits 1 with \"rolled back to OLD: REASON\". Updating to the running version does nothing \
+and succeeds. A refused update (bad version, missing release — the available ones are listed —, wrong hash or \
+signature, failed download) changes nothing. Exit 0 on success, 1 on refusal or roll back, 2 on bad usage, 3 when \
+the daemon is unreachable.")]
+    Update(UpdateArgs),
+
+    /// Restore PostgreSQL or Redis from a backup: built new, verified, then swapped in.
+    #[command(subcommand)]
+    Restore(RestoreCommand),
+
+    /// Check everything the box depends on: one line per check, ✓ or ✗ and what to do.
+    #[command(long_about = "Check the box and print one line per check: ✓, ✗ with what to do, or - when it is \
+not configured. Checked: the configuration; IMDSv2, the instance identity and the region; the SSM path (parameter \
+names only, never values) and that it holds every parameter the env files need; the SES sender; the backup bucket \
+and the age of the newest backup of each kind; the clock against S3's; the data volume (mounted, free space, its \
+marker); the state of caretaker's units and of the supervised services. Nothing is changed. Exit status 0 when no \
+check failed, 1 when one did, 2 when the configuration is invalid.")]
+    Doctor {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +136,21 @@ each backup is listed with keep or would-delete and the reason."
         #[arg(long)]
         dry_run: bool,
     },
+    /// Run a restore drill now: download, check both hashes, restore into a scratch database, compare row counts.
+    #[command(long_about = "Ask the daemon to run a restore drill (a job) of backup ID, or of the newest backup of \
+each kind: download it, check the SHA-256 of the stored object and of the plaintext against the manifest, and for \
+PostgreSQL restore it with pg_restore into a scratch database (caretaker_verify_ID), compare every table's row count \
+with the counts taken in the dump's snapshot, and drop the scratch database. Redis backups are checked by hash and \
+RDB header. The result is stored beside the backup as verify.json (retention never deletes the newest verified \
+backup). Decrypting needs the age identity (backup.identity-var) when backups are made for recipients. A failure \
+sends one alert email. Exit 0 when every drill passed.")]
+    Verify {
+        /// The backup id (from `caretaker backup list`), or latest.
+        #[arg(default_value = "latest", value_name = "ID|latest")]
+        id: String,
+        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
+        kind: String,
+    },
     /// List backups (those with a manifest), oldest first.
     List {
         #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
@@ -114,6 +159,61 @@ each backup is listed with keep or would-delete and the reason."
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RestoreCommand {
+    /// Restore a PostgreSQL backup into a new database, verify it, then swap it in.
+    #[command(long_about = "Ask the daemon to restore a PostgreSQL backup (a job; progress per phase: download, \
+restore, verify, swap). The backup is streamed from S3 through age and zstd into pg_restore, into a NEW database \
+DB_restore_TIMESTAMP; the hashes of what was read are checked against the manifest and every table's row count \
+against the counts taken in the dump's snapshot. Any mismatch or error drops the new database and changes nothing. \
+Only then: the API is stopped, sessions on DB are ended, DB is renamed DB_pre_restore_TIMESTAMP (kept) and the new \
+database renamed DB in one transaction, the API is started and health-gated; if the gate fails the swap is undone. \
+Kept databases: `caretaker restore list-kept`, `caretaker restore drop-kept NAME`. Exit 0 on success.")]
+    Postgres {
+        /// The backup id (from `caretaker backup list`), or latest.
+        #[arg(long, default_value = "latest", value_name = "ID|latest")]
+        backup: String,
+        /// The database to replace (default: backup.database).
+        #[arg(long, value_name = "NAME")]
+        target_db: Option<String>,
+    },
+    /// Restore a Redis backup: verify the RDB, keep the current one aside, swap, check DBSIZE.
+    #[command(long_about = "Ask the daemon to restore a Redis backup (a job): the RDB is downloaded next to the \
+live one and checked against the manifest's hashes; then Redis is stopped, its RDB kept aside as \
+FILE.pre-restore-TIMESTAMP, the restored file renamed into place, Redis started and its DBSIZE compared with the \
+manifest. On any failure the previous RDB is put back and Redis started on it. Refused when Redis uses AOF.")]
+    Redis {
+        /// The backup id, or latest.
+        #[arg(long, default_value = "latest", value_name = "ID|latest")]
+        backup: String,
+    },
+    /// List the databases earlier restores kept (DB_pre_restore_TIMESTAMP).
+    ListKept {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop a database an earlier restore kept (only those listed by list-kept).
+    DropKept {
+        /// A name from `caretaker restore list-kept`.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(id = "target", required = true, multiple = false)]
+pub struct UpdateArgs {
+    /// The release to install, e.g. v1.4.2 or 1.4.2-rc.1 (letters, digits, dots, dashes; at most 3 numbers).
+    #[arg(long, value_name = "VERSION", group = "target")]
+    pub version: Option<String>,
+    /// Install the release that APP/LATEST in the releases bucket names.
+    #[arg(long, group = "target")]
+    pub latest: bool,
+    /// Fetch and verify only; switch and restart nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -487,6 +487,9 @@ pub struct BackupConfig {
     /// The env file (a `[[secrets.file]]` name) and variable holding the backup passphrase.
     pub passphrase_file: String,
     pub passphrase_var: String,
+    /// With recipients: the variable of that env file holding the matching age identity
+    /// (`AGE-SECRET-KEY-1…`), needed to verify and restore. Without it backups are still taken.
+    pub identity_var: String,
     /// Retention: the newest backup of each of the last N days, and of each of the last M weeks.
     /// The newest backup and the newest verified backup are always kept.
     pub keep_daily: usize,
@@ -505,6 +508,7 @@ impl Default for BackupConfig {
             recipients: vec![],
             passphrase_file: "caretaker".into(),
             passphrase_var: "BACKUP_PASSPHRASE".into(),
+            identity_var: "BACKUP_AGE_IDENTITY".into(),
             keep_daily: 7,
             keep_weekly: 4,
         }

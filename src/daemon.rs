@@ -130,23 +130,86 @@ impl Daemon {
     }
 }
 
-/// Builds what supervision needs (the systemd client on our bus connection, alerts through SES)
-/// and runs it. Runs after READY: nothing here may hold up the control plane.
-async fn start_supervision(
+/// Work that starts after READY and must not hold up the control plane, in order: the alerts
+/// (shared with jobs), the repair of an update interrupted by a crash, then supervision.
+async fn start_background(
     cfg: Arc<crate::config::Config>,
     conn: zbus::Connection,
     status: Arc<Mutex<DaemonStatus>>,
+    jobs: Arc<Jobs>,
     cancel: CancellationToken,
 ) {
+    let alerts = build_alerts(&cfg).await;
+    jobs.set_alerts(alerts.clone());
     let systemd = match crate::systemd::manager::Systemd::new(&conn).await {
-        Ok(s) => s,
+        Ok(s) => Some(s),
         Err(e) => {
-            error!("supervision disabled: cannot talk to systemd: {e}");
+            error!("cannot talk to systemd: {e}");
+            None
+        }
+    };
+    reconcile_releases(&cfg, systemd.as_ref()).await;
+    if cfg.backup.bucket.is_some() {
+        // Leftovers of a killed restore or drill; postgres may come up only once supervision starts it.
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            for _ in 0..60 {
+                let target = crate::supervise::supervisor::pg_target(&cfg);
+                if target.connect("postgres", Duration::from_secs(5)).await.is_ok() {
+                    for line in crate::restore::cleanup_leftovers(&cfg).await {
+                        warn!("{line}");
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
+    match systemd {
+        Some(systemd) if cfg.supervise.enabled => {
+            crate::supervise::supervisor::supervise(cfg, systemd, alerts, status, cancel).await
+        }
+        None if cfg.supervise.enabled => error!("supervision disabled: cannot talk to systemd"),
+        _ => info!("supervision is off (supervise.enabled = false)"),
+    }
+}
+
+/// After a daemon killed mid-update: `current` back at a complete, verified release, and the API
+/// restarted when it may be running something else.
+async fn reconcile_releases(cfg: &crate::config::Config, systemd: Option<&crate::systemd::manager::Systemd>) {
+    let dir = &cfg.services.api.install_dir;
+    let r = match tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || crate::release::reconcile(&dir)
+    })
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            error!("cannot check the releases in {}: {e}", dir.display());
+            return;
+        }
+        Err(e) => {
+            error!("checking the releases in {} panicked: {e}", dir.display());
             return;
         }
     };
-    let alerts = build_alerts(&cfg).await;
-    crate::supervise::supervisor::supervise(cfg, systemd, alerts, status, cancel).await;
+    for repair in &r.repairs {
+        warn!("releases in {}: {repair}", dir.display());
+    }
+    if r.restart_api {
+        let unit = cfg.services.api.unit.to_string();
+        let Some(systemd) = systemd else {
+            error!("{unit} should be restarted to run {:?}, but systemd is unreachable", r.current);
+            return;
+        };
+        info!("restarting {unit} so that it runs {} (an update was interrupted)", r.current.as_deref().unwrap_or("?"));
+        match systemd.restart(&unit, cfg.supervise.start_timeout.get()).await {
+            Ok(out) if out.state.is_active() => info!("{unit} restarted after the repair"),
+            Ok(out) => error!("{unit} is {} after its restart ({})", out.state.active_state, out.state.result),
+            Err(e) => error!("{e}"),
+        }
+    }
 }
 
 /// Multipart uploads under our prefix left by a daemon that died mid-backup (SIGKILL, power loss)
@@ -290,12 +353,10 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         let cfg = daemon.loaded.config.clone();
         tasks.spawn(async move { abort_stale_uploads(&cfg).await });
     }
-    if daemon.loaded.config.supervise.enabled {
+    {
         let cfg = Arc::new(daemon.loaded.config.clone());
-        let (conn, status, cancel) = (connection.clone(), daemon.status.clone(), cancel.clone());
-        tasks.spawn(async move { start_supervision(cfg, conn, status, cancel).await });
-    } else {
-        info!("supervision is off (supervise.enabled = false)");
+        let (conn, status, jobs, cancel) = (connection.clone(), daemon.status.clone(), jobs.clone(), cancel.clone());
+        tasks.spawn(async move { start_background(cfg, conn, status, jobs, cancel).await });
     }
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

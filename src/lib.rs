@@ -16,6 +16,8 @@ pub mod config;
 pub mod control;
 /// `caretaker daemon`: lifecycle, main loop, watchdog.
 pub mod daemon;
+/// `caretaker doctor`: one line per check of everything the box depends on.
+pub mod doctor;
 /// Exit codes shared by every command.
 pub mod exit;
 /// Atomic file writes.
@@ -30,6 +32,8 @@ pub mod notify;
 pub mod pg;
 /// Releases of the API: fetch, verify, switch, health gate, roll back.
 pub mod release;
+/// Restores from backups: load into something new, verify, then swap.
+pub mod restore;
 /// Supervision of postgres, redis and the API.
 pub mod supervise;
 /// systemd integration (sd_notify).

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use caretaker::cli::{BackupCommand, Cli, Command, ConfigCommand, StatusArgs};
+use caretaker::cli::{BackupCommand, Cli, Command, ConfigCommand, RestoreCommand, StatusArgs, UpdateArgs};
 use caretaker::config::{self, LogLevel, Sources};
 use caretaker::control::client::{Client, ClientError};
 use caretaker::{daemon, exit, logging};
@@ -43,9 +43,43 @@ async fn run(cli: Cli) -> u8 {
         Command::Backup(BackupCommand::Prune { dry_run }) => {
             backup_prune(&cli_bus(&cli.bus_address, &sources), dry_run).await
         }
+        Command::Backup(BackupCommand::Verify { id, kind }) => {
+            let bus = cli_bus(&cli.bus_address, &sources);
+            follow_job(&bus, "Verify", move |p| async move { p.verify(&kind, &id).await }).await
+        }
         Command::Backup(BackupCommand::List { kind, json }) => backup_list(&sources, &kind, json).await,
         Command::Config(ConfigCommand::Check { path, json }) => config_check(path, sources, json),
         Command::Config(ConfigCommand::Show { json }) => config_show(&sources, json),
+        Command::Restore(RestoreCommand::Postgres { backup, target_db }) => {
+            let bus = cli_bus(&cli.bus_address, &sources);
+            let target = target_db.unwrap_or_default();
+            follow_job(&bus, "Restore", move |p| async move { p.restore("postgres", &backup, &target).await }).await
+        }
+        Command::Restore(RestoreCommand::Redis { backup }) => {
+            let bus = cli_bus(&cli.bus_address, &sources);
+            follow_job(&bus, "Restore", move |p| async move { p.restore("redis", &backup, "").await }).await
+        }
+        Command::Restore(RestoreCommand::ListKept { json }) => restore_list_kept(&sources, json).await,
+        Command::Restore(RestoreCommand::DropKept { name }) => restore_drop_kept(&sources, &name).await,
+        Command::Update(args) => update(&cli_bus(&cli.bus_address, &sources), args).await,
+        Command::Doctor { json } => doctor(&sources, cli.bus_address.clone(), json).await,
+    }
+}
+
+async fn doctor(sources: &Sources, bus_address: Option<String>, json: bool) -> u8 {
+    let opts = caretaker::doctor::Options { bus_address, ..Default::default() };
+    let report = caretaker::doctor::run(sources, &opts).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+    } else {
+        for check in &report.checks {
+            println!("{check}");
+        }
+    }
+    match (report.config_valid, report.ok) {
+        (false, _) => exit::USAGE,
+        (true, true) => exit::OK,
+        (true, false) => exit::FAILURE,
     }
 }
 
@@ -101,6 +135,75 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
 async fn backup_now(bus: &Option<String>, kind: &str) -> u8 {
     let kind = kind.to_string();
     follow_job(bus, "BackupNow", move |p| async move { p.backup_now(&kind).await }).await
+}
+
+async fn update(bus: &Option<String>, args: UpdateArgs) -> u8 {
+    let version = match (args.version, args.latest) {
+        (Some(v), _) => {
+            if let Err(e) = caretaker::release::validate_version(&v) {
+                eprintln!("error: {e}");
+                return exit::USAGE;
+            }
+            v
+        }
+        (None, _) => "latest".to_string(),
+    };
+    let dry_run = args.dry_run;
+    follow_job(bus, "Update", move |p| async move { p.update(&version, dry_run).await }).await
+}
+
+async fn restore_list_kept(sources: &Sources, json: bool) -> u8 {
+    let cfg = match config::load(sources) {
+        Ok(l) => l.config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    match caretaker::restore::list_kept(&cfg).await {
+        Ok(kept) if json => {
+            println!("{}", serde_json::to_string_pretty(&kept).unwrap_or_default());
+            exit::OK
+        }
+        Ok(kept) => {
+            if kept.is_empty() {
+                println!("no databases kept by restores");
+            }
+            for k in kept {
+                println!(
+                    "{}  {}  {}",
+                    k.name,
+                    caretaker::control::client::human_bytes(k.bytes.max(0) as u64),
+                    k.comment
+                );
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+async fn restore_drop_kept(sources: &Sources, name: &str) -> u8 {
+    let cfg = match config::load(sources) {
+        Ok(l) => l.config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    match caretaker::restore::drop_kept(&cfg, name).await {
+        Ok(()) => {
+            println!("dropped {name}");
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::FAILURE
+        }
+    }
 }
 
 async fn backup_prune(bus: &Option<String>, dry_run: bool) -> u8 {

@@ -98,3 +98,76 @@ fn uploads_left_by_a_killed_daemon_are_aborted_at_start() {
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
+
+/// A box with postgres/redis running, moto's S3, caretaker taking backups for an age recipient
+/// whose identity is in the env file (as firstboot would write it from SSM), and a database.
+fn drill_rig(prefix: &str) -> (LabBox, Moto) {
+    let b = LabBox::start(prefix, BoxOptions::default()).expect("lab box boots");
+    let moto = Moto::start_in_netns(b.pid1()).expect("moto");
+    assert_eq!(moto.request("PUT", "/backups", &[s3_auth()], b"").unwrap().status, 200);
+    let identity = age::x25519::Identity::generate();
+    let config = format!(
+        "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{}\"\n[backup]\nbucket = \"backups\"\ndatabase = \"zmanim\"\nrecipients = [\"{}\"]\n",
+        moto.endpoint(),
+        identity.to_public()
+    );
+    b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
+    use age::secrecy::ExposeSecret;
+    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", identity.to_string().expose_secret());
+    b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
+    b.set_unit_env("caretaker.service", TEST_CREDENTIALS).unwrap();
+    b.sh_ok(
+        "runuser -u postgres -- psql -qc 'create database zmanim' && \
+         runuser -u postgres -- psql -d zmanim -qc \"create extension postgis; \
+           create table cities(id int primary key, name text, loc geometry(Point, 4326)); \
+           insert into cities select g, 'city ' || g, st_setsrid(st_makepoint(g % 180, g % 90), 4326) from generate_series(1, 5000) g; \
+           create table zmanim(city int references cities, day date, sunrise time, primary key (city, day)); \
+           insert into zmanim select c, d::date, '06:00' from generate_series(1, 50) c, generate_series('2026-01-01'::date, '2026-03-01', '1 day') d\" && \
+         redis-cli set a 1 >/dev/null && systemctl daemon-reload && systemctl start caretaker",
+    );
+    (b, moto)
+}
+
+fn verify_json(moto: &Moto, kind: &str, id: &str) -> serde_json::Value {
+    let key = format!("/backups/caretaker/{kind}/{}/{}/{}/{id}/verify.json", &id[0..4], &id[4..6], &id[6..8]);
+    let r = moto.request("GET", &key, &[s3_auth()], b"").unwrap();
+    assert_eq!(r.status, 200, "{key}: {}", r.text());
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+#[test]
+fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
+    let (b, moto) = drill_rig("bk-drill");
+    let out = b.sh("caretaker backup now");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let list =
+        b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres");
+    let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    let id = manifests[0]["id"].as_str().unwrap().to_string();
+
+    let out = b.sh("caretaker backup verify");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", b.journal("caretaker.service"));
+    assert!(stdout.contains(&format!("postgres {id} verified")), "{stdout}");
+    let v = verify_json(&moto, "postgres", &id);
+    assert_eq!(v["ok"], true, "{v:#}");
+    assert_eq!(v["tables"]["public.cities"], serde_json::json!([5000, 5000]), "{v:#}");
+    assert_eq!(v["tables"]["public.zmanim"][1], 50 * 60, "{v:#}");
+    let dbs = b.sh_ok("runuser -u postgres -- psql -Atc 'select datname from pg_database'");
+    assert!(!dbs.contains("caretaker_verify"), "the scratch database is dropped: {dbs}");
+
+    // One byte altered in the stored object: the drill fails during the stream, says so, records it.
+    let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
+    let mut obj = moto.request("GET", &key, &[s3_auth()], b"").unwrap().body;
+    let mid = obj.len() / 2;
+    obj[mid] ^= 0x01;
+    assert_eq!(moto.request("PUT", &key, &[s3_auth()], &obj).unwrap().status, 200);
+    let out = b.sh(&format!("caretaker backup verify {id}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAILED") && stdout.contains("damaged or was altered"), "{stdout}");
+    let v = verify_json(&moto, "postgres", &id);
+    assert_eq!(v["ok"], false, "{v:#}");
+    let dbs = b.sh_ok("runuser -u postgres -- psql -Atc 'select datname from pg_database'");
+    assert!(!dbs.contains("caretaker_verify"), "the scratch database is dropped after a failure too: {dbs}");
+}

@@ -86,7 +86,8 @@ impl Rig {
 
     fn service(&self, name: &str) -> serde_json::Value {
         let s = self.status();
-        s["daemon"]["services"].as_array().unwrap().iter().find(|x| x["name"] == name).cloned().unwrap()
+        // Null until supervision has listed its services (it starts right after READY).
+        s["daemon"]["services"].as_array().unwrap().iter().find(|x| x["name"] == name).cloned().unwrap_or_default()
     }
 
     /// Waits until `check` holds on the status of service `name`.

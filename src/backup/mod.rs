@@ -1,5 +1,9 @@
 //! Backups: scheduled, streamed, compressed, encrypted, committed by manifest, retained, verified.
 
+/// The alert emails of backups and drills.
+pub mod alerts;
+/// The way back: S3 → age → zstd → a sink, hashed.
+pub mod fetch;
 /// PostgreSQL: one snapshot for the dump and exact row counts.
 pub mod postgres;
 /// Redis: a fresh, successful BGSAVE and its RDB file.
@@ -12,3 +16,5 @@ pub mod run;
 pub mod schedule;
 /// plaintext → zstd → age → S3 multipart, bounded memory, no disk.
 pub mod stream;
+/// Restore drills; loading a backup into a new database, checked.
+pub mod verify;

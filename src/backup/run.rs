@@ -73,6 +73,18 @@ pub fn new_id(now: SystemTime) -> String {
     format!("{t}-{salt:06x}")
 }
 
+/// Whether `id` has the shape [`new_id`] gives (it also names S3 keys and databases).
+pub fn valid_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 23
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'T'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && b[15] == b'Z'
+        && b[16] == b'-'
+        && b[17..].iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
 /// `PREFIX/KIND/YYYY/MM/DD/ID/`.
 pub fn folder(prefix: &str, kind: Kind, id: &str) -> String {
     let (y, m, d) = (&id[0..4], &id[4..6], &id[6..8]);

@@ -27,6 +27,9 @@ pub trait Caretaker1 {
     fn job_status(&self, id: &str) -> zbus::Result<String>;
     fn backup_now(&self, kind: &str) -> zbus::Result<String>;
     fn prune(&self, dry_run: bool) -> zbus::Result<String>;
+    fn restore(&self, what: &str, backup: &str, target_db: &str) -> zbus::Result<String>;
+    fn verify(&self, kind: &str, id: &str) -> zbus::Result<String>;
+    fn update(&self, version: &str, dry_run: bool) -> zbus::Result<String>;
     #[zbus(signal)]
     fn job_progress(&self, id: String, message: String, done: u64, total: u64) -> zbus::Result<()>;
     #[zbus(signal)]

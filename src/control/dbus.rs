@@ -60,6 +60,36 @@ pub struct DaemonStatus {
     pub recent_jobs: Vec<super::jobs::JobInfo>,
 }
 
+/// `all`, `postgres` or `redis` as kinds.
+fn parse_kinds(kind: &str) -> Result<Vec<Kind>, ControlError> {
+    match kind {
+        "all" => Ok(vec![Kind::Postgres, Kind::Redis]),
+        k => Ok(vec![
+            Kind::parse(k)
+                .ok_or_else(|| ControlError::InvalidArgs(format!("kind `{k}` is not one of all, postgres, redis")))?,
+        ]),
+    }
+}
+
+/// Runs `work`, turning the lines it sends on `rx` into job progress, then drains them.
+async fn pump<T>(
+    ctx: &super::jobs::JobCtx,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let out = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            Some(line) = rx.recv() => ctx.phase(&line).await,
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        ctx.phase(&line).await;
+    }
+    out
+}
+
 /// The object served at `/io/shtetl/Caretaker1`.
 pub struct Control {
     status: Arc<Mutex<DaemonStatus>>,
@@ -138,6 +168,7 @@ impl Control {
         if cfg.backup.bucket.is_none() {
             return Err(ControlError::InvalidArgs("backups are not configured: set backup.bucket".into()));
         }
+        let alerts = self.jobs.alerts();
         let description = format!("backup {kind}");
         let info = self
             .jobs
@@ -155,7 +186,20 @@ impl Control {
                         tokio::pin!(work);
                         let manifest = loop {
                             tokio::select! {
-                                r = &mut work => break r.map_err(|e| format!("{} backup failed: {e}", k.as_str()))?,
+                                r = &mut work => match r {
+                                    Ok(m) => {
+                                        if let Some(a) = &alerts {
+                                            a.resolve(&crate::backup::alerts::backup_key(k), &format!("The {} backup {} succeeded.", k.as_str(), m.id));
+                                        }
+                                        break m;
+                                    }
+                                    Err(e) => {
+                                        if let Some(a) = &alerts {
+                                            a.open(&crate::backup::alerts::backup_key(k), crate::backup::alerts::backup_failed(k, &e.to_string()));
+                                        }
+                                        return Err(format!("{} backup failed: {e}", k.as_str()));
+                                    }
+                                },
                                 Some(line) = rx.recv() => ctx.progress(&line, 0, 0).await,
                                 _ = ctx.cancel.cancelled() => return Err("cancelled: the daemon is stopping; the upload was aborted".into()),
                             }
@@ -172,6 +216,154 @@ impl Control {
         Ok(info.id)
     }
 
+    /// Starts a restore drill of backup `id` (`latest`: the newest of each kind in `kind`); returns
+    /// the job id. `kind` is `all`, `postgres` or `redis`.
+    async fn verify(&self, kind: &str, id: &str) -> Result<String, ControlError> {
+        let kinds = parse_kinds(kind)?;
+        if id != "latest" && !crate::backup::run::valid_id(id) {
+            return Err(ControlError::InvalidArgs(format!(
+                "`{id}` is not a backup id (like 20261122T030000Z-a1b2c3) or latest"
+            )));
+        }
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if cfg.backup.bucket.is_none() {
+            return Err(ControlError::InvalidArgs("backups are not configured: set backup.bucket".into()));
+        }
+        let id = id.to_string();
+        let alerts = self.jobs.alerts();
+        let description = format!("verify {kind} {id}");
+        let info = self
+            .jobs
+            .start("verify", &description, move |ctx| {
+                Box::pin(async move {
+                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                    let progress = move |l: String| {
+                        let _ = tx.send(l);
+                    };
+                    let work = async {
+                        let mut done = Vec::new();
+                        let mut found = 0;
+                        for k in &kinds {
+                            let m = match crate::backup::verify::find(&cfg, &s3, *k, &id).await {
+                                Ok(m) => m,
+                                // An id names one backup: the other kind not having it is fine.
+                                Err(crate::backup::verify::VerifyError::NoSuchBackup { .. })
+                                    if id != "latest" || kinds.len() > 1 =>
+                                {
+                                    continue;
+                                }
+                                Err(e) => return Err(e.to_string()),
+                            };
+                            found += 1;
+                            let key = format!("verify:{}", k.as_str());
+                            match crate::backup::verify::verify(&cfg, &s3, &m, &progress).await {
+                                Ok(r) => {
+                                    progress(format!("{} {}: verified ({})", k.as_str(), m.id, r.checks.join("; ")));
+                                    if let Some(a) = &alerts {
+                                        a.resolve(&key, &format!("The {} backup {} verified.", k.as_str(), m.id));
+                                    }
+                                    done.push(format!("{} {} verified", k.as_str(), m.id));
+                                }
+                                Err(e) => {
+                                    if let Some(a) = &alerts {
+                                        a.open(&key, crate::backup::alerts::drill_failed(*k, &m.id, &e.to_string()));
+                                    }
+                                    return Err(format!("{} {} FAILED verification: {e}", k.as_str(), m.id));
+                                }
+                            }
+                        }
+                        if found == 0 {
+                            return Err(format!("no backup {id} (see `caretaker backup list`)"));
+                        }
+                        Ok(done.join(", "))
+                    };
+                    pump(&ctx, &mut rx, work).await
+                })
+            })
+            .map_err(|b| ControlError::Busy(b.to_string()))?;
+        Ok(info.id)
+    }
+
+    /// Starts a restore (a job): `what` is `postgres` or `redis`; `backup` an id or `latest`;
+    /// `target_db` (postgres only, empty: backup.database) the database to replace. The backup is
+    /// loaded into something new and verified before anything live is touched.
+    async fn restore(&self, what: &str, backup: &str, target_db: &str) -> Result<String, ControlError> {
+        let kind = Kind::parse(what)
+            .ok_or_else(|| ControlError::InvalidArgs(format!("`{what}` is not one of postgres, redis")))?;
+        if backup != "latest" && !crate::backup::run::valid_id(backup) {
+            return Err(ControlError::InvalidArgs(format!(
+                "`{backup}` is not a backup id (like 20261122T030000Z-a1b2c3) or latest"
+            )));
+        }
+        if !target_db.is_empty()
+            && (kind != Kind::Postgres
+                || target_db.len() > 40
+                || !target_db.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'))
+        {
+            return Err(ControlError::InvalidArgs(format!(
+                "target database `{target_db}`: postgres only, lowercase letters, digits and _ (at most 40)"
+            )));
+        }
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if cfg.backup.bucket.is_none() {
+            return Err(ControlError::InvalidArgs("backups are not configured: set backup.bucket".into()));
+        }
+        let conn = self
+            .jobs
+            .connection()
+            .ok_or_else(|| ControlError::ShuttingDown("the daemon is still starting; try again".into()))?;
+        let (backup, target_db) = (backup.to_string(), target_db.to_string());
+        let description = format!("restore {what} {backup}");
+        let info = self
+            .jobs
+            .start("restore", &description, move |ctx| {
+                Box::pin(async move {
+                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+                    let systemd = crate::systemd::manager::Systemd::new(&conn).await.map_err(|e| e.to_string())?;
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                    let progress = move |l: String| {
+                        let _ = tx.send(l);
+                    };
+                    let work = async {
+                        match kind {
+                            Kind::Postgres => {
+                                let target = (!target_db.is_empty()).then_some(target_db.as_str());
+                                let r =
+                                    crate::restore::restore_postgres(&cfg, &s3, &systemd, &backup, target, &progress)
+                                        .await
+                                        .map_err(|e| format!("restore failed, the live database is unchanged: {e}"))?;
+                                Ok(format!(
+                                    "restored backup {} as {} ({} tables, {} rows){}",
+                                    r.backup,
+                                    r.database,
+                                    r.tables,
+                                    r.rows,
+                                    r.kept
+                                        .map(|k| format!("; the previous database is kept as {k}"))
+                                        .unwrap_or_default()
+                                ))
+                            }
+                            Kind::Redis => {
+                                let r = crate::restore::restore_redis(&cfg, &s3, &systemd, &backup, &progress)
+                                    .await
+                                    .map_err(|e| format!("restore failed: {e}"))?;
+                                Ok(format!(
+                                    "restored redis backup {} ({} keys); the previous RDB is kept as {}",
+                                    r.backup,
+                                    r.dbsize,
+                                    r.kept.display()
+                                ))
+                            }
+                        }
+                    };
+                    pump(&ctx, &mut rx, work).await
+                })
+            })
+            .map_err(|b| ControlError::Busy(b.to_string()))?;
+        Ok(info.id)
+    }
+
     /// Applies retention (keep-daily, keep-weekly; never the newest or the newest verified backup):
     /// deletes what is not kept, or with `dry_run` only says what would go. Returns the job id.
     async fn prune(&self, dry_run: bool) -> Result<String, ControlError> {
@@ -179,13 +371,27 @@ impl Control {
         if cfg.backup.bucket.is_none() {
             return Err(ControlError::InvalidArgs("backups are not configured: set backup.bucket".into()));
         }
+        let alerts = self.jobs.alerts().filter(|_| !dry_run);
         let description = if dry_run { "prune (dry run)" } else { "prune" };
         let info = self
             .jobs
             .start("prune", description, move |ctx| {
                 Box::pin(async move {
                     let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
-                    let reports = crate::backup::run::prune(&cfg, &s3, dry_run).await.map_err(|e| e.to_string())?;
+                    let reports = match crate::backup::run::prune(&cfg, &s3, dry_run).await {
+                        Ok(r) => {
+                            if let Some(a) = &alerts {
+                                a.resolve("prune", "Retention was applied.");
+                            }
+                            r
+                        }
+                        Err(e) => {
+                            if let Some(a) = &alerts {
+                                a.open("prune", crate::backup::alerts::prune_failed(&e.to_string()));
+                            }
+                            return Err(e.to_string());
+                        }
+                    };
                     let mut gone = 0;
                     let mut kept = 0;
                     for r in &reports {
@@ -200,6 +406,78 @@ impl Control {
                         }
                     }
                     Ok(format!("{kept} kept, {gone} {}", if dry_run { "would be deleted" } else { "deleted" }))
+                })
+            })
+            .map_err(|b| ControlError::Busy(b.to_string()))?;
+        Ok(info.id)
+    }
+
+    /// Starts an update of the API to `version` (`latest`: what APP/LATEST names); with `dry_run`
+    /// fetch and verify only. Returns the job id. The version is validated before anything else.
+    async fn update(&self, version: &str, dry_run: bool) -> Result<String, ControlError> {
+        let target = if version == "latest" {
+            crate::release::Target::Latest
+        } else {
+            crate::release::validate_version(version).map_err(|e| ControlError::InvalidArgs(e.to_string()))?;
+            crate::release::Target::Version(version.to_string())
+        };
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if cfg.release.bucket.is_none() {
+            return Err(ControlError::InvalidArgs("updates are not configured: set release.bucket".into()));
+        }
+        let conn = self
+            .jobs
+            .connection()
+            .ok_or_else(|| ControlError::ShuttingDown("the daemon is still starting; try again".into()))?;
+        let alerts = self.jobs.alerts();
+        let description = format!("update to {version}{}", if dry_run { " (dry run)" } else { "" });
+        let request = crate::release::UpdateRequest { target, dry_run };
+        let info = self
+            .jobs
+            .start("update", &description, move |ctx| {
+                Box::pin(async move {
+                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+                    let systemd = crate::systemd::manager::Systemd::new(&conn).await.map_err(|e| e.to_string())?;
+                    let unit = cfg.services.api.unit.to_string();
+                    let timeout = cfg.supervise.start_timeout.get();
+                    let probe = crate::supervise::supervisor::probe_for(&cfg, crate::config::ServiceKind::Api);
+                    // The supervisor must not restart the API while the update restarts it.
+                    let _hold = (!dry_run).then(|| crate::supervise::maintenance::hold(&unit, &ctx.id));
+                    let restart = || {
+                        let (systemd, unit) = (systemd.clone(), unit.clone());
+                        async move {
+                            let out = systemd.restart(&unit, timeout).await?;
+                            if !out.state.is_active() {
+                                anyhow::bail!(
+                                    "restarting {unit}: job {}, unit {} ({})",
+                                    out.job_result,
+                                    out.state.active_state,
+                                    out.state.result
+                                );
+                            }
+                            Ok(())
+                        }
+                    };
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                    let work =
+                        crate::release::update(&cfg, &s3, &request, restart, &probe, alerts.as_ref(), move |l| {
+                            let _ = tx.send(l);
+                        });
+                    tokio::pin!(work);
+                    let outcome = loop {
+                        tokio::select! {
+                            r = &mut work => break r,
+                            Some(line) = rx.recv() => ctx.phase(&line).await,
+                        }
+                    };
+                    while let Ok(line) = rx.try_recv() {
+                        ctx.phase(&line).await;
+                    }
+                    match outcome {
+                        Ok(o) if o.is_success() => Ok(o.summary()),
+                        Ok(o) => Err(o.summary()),
+                        Err(e) => Err(e.to_string()),
+                    }
                 })
             })
             .map_err(|b| ControlError::Busy(b.to_string()))?;

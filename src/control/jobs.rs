@@ -70,6 +70,9 @@ struct State {
 pub struct Jobs {
     state: Mutex<State>,
     emitter: OnceLock<SignalEmitter<'static>>,
+    /// The daemon's alerts (shared so that incidents opened by a job are deduplicated and
+    /// resolved like the supervisor's).
+    alerts: OnceLock<crate::notify::Alerts>,
     cancel: CancellationToken,
 }
 
@@ -82,6 +85,7 @@ impl Jobs {
         Arc::new(Jobs {
             state: Mutex::new(State { current: None, handle: None, history: VecDeque::new(), counter: 0 }),
             emitter: OnceLock::new(),
+            alerts: OnceLock::new(),
             cancel,
         })
     }
@@ -89,6 +93,20 @@ impl Jobs {
     /// Signals go out once the bus connection exists.
     pub fn set_emitter(&self, emitter: SignalEmitter<'static>) {
         let _ = self.emitter.set(emitter);
+    }
+
+    /// The daemon's bus connection (for jobs that talk to systemd), once it exists.
+    pub fn connection(&self) -> Option<zbus::Connection> {
+        self.emitter.get().map(|e| e.connection().clone())
+    }
+
+    /// The daemon's alerts, once built.
+    pub fn set_alerts(&self, alerts: crate::notify::Alerts) {
+        let _ = self.alerts.set(alerts);
+    }
+
+    pub fn alerts(&self) -> Option<crate::notify::Alerts> {
+        self.alerts.get().cloned()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

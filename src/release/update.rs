@@ -422,6 +422,13 @@ async fn download(
         move |source| UpdateError::Fs(FsError { action, path, source })
     };
     std::fs::create_dir_all(&dir).map_err(fs_err("create", &dir))?;
+    // The API runs as its own user: the folders must be traversable whatever caretaker's umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [install.releases(), dir.clone()] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).map_err(fs_err("chmod", &d))?;
+        }
+    }
     let partial = install.partial_path(version);
     let result = async {
         let key = store.key(version, store.artifact);

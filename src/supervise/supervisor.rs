@@ -235,6 +235,12 @@ impl Watch {
             }
             last_start = tokio::time::Instant::now();
             let r = self.probe().await;
+            if let Some(reason) = super::maintenance::held(&self.unit) {
+                // A job is working on this unit: report, but neither restart nor alert.
+                self.failures = 0;
+                self.update(|s| s.note = format!("supervision paused: {reason}"));
+                continue;
+            }
             self.on_probe(r, &cancel).await;
         }
     }

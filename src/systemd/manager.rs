@@ -104,7 +104,13 @@ impl Systemd {
     pub async fn new(conn: &zbus::Connection) -> Result<Systemd, SystemdError> {
         let call = |source| SystemdError::Call { method: "Subscribe", unit: String::new(), source };
         let manager = ManagerProxy::new(conn).await.map_err(call)?;
-        manager.subscribe().await.map_err(call)?;
+        // Subscriptions are per connection: a second client on the daemon's connection (a job
+        // next to the supervisor) finds it subscribed already, which is what it wanted.
+        match manager.subscribe().await {
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
+            r => r.map_err(call)?,
+        }
         Ok(Systemd { conn: conn.clone(), manager, settle: Duration::from_millis(500) })
     }
 

@@ -1,0 +1,62 @@
+//! The emails backups send: one per failure while it persists (the incident key deduplicates),
+//! one when it recovers. Each says what failed, that earlier backups are intact, and what to run.
+
+use super::run::Kind;
+use crate::notify::Alert;
+
+/// Incident key of a kind's backups.
+pub fn backup_key(kind: Kind) -> String {
+    format!("backup:{}", kind.as_str())
+}
+
+pub fn backup_failed(kind: Kind, error: &str) -> Alert {
+    let k = kind.as_str();
+    Alert {
+        subject: format!("{k} backup failed: {}", first_line(error)),
+        what_failed: format!("The {k} backup failed: {error}"),
+        what_done: "Nothing was published: a backup exists only once its manifest is written, after the producer \
+                    exited 0 and every part was uploaded; the partial upload was aborted. The next scheduled run will \
+                    try again."
+            .into(),
+        what_safe: "Earlier backups are intact and listed by `caretaker backup list`. The live data is untouched."
+            .into(),
+        next: format!("journalctl -u caretaker -n 100; fix the cause, then `caretaker backup now --kind {k}`"),
+    }
+}
+
+pub fn drill_failed(kind: Kind, id: &str, error: &str) -> Alert {
+    let k = kind.as_str();
+    Alert {
+        subject: format!("{k} backup {id} failed its restore drill"),
+        what_failed: format!("The restore drill of the {k} backup {id} failed: {error}"),
+        what_done: "The scratch copy was dropped; verify.json beside the backup records the failure. Retention keeps \
+                    the newest backup that did verify."
+            .into(),
+        what_safe: "The live data is untouched. This backup may not be restorable: do not rely on it.".into(),
+        next: format!(
+            "caretaker backup list; take a fresh backup (`caretaker backup now --kind {k}`) and verify it \
+             (`caretaker backup verify latest --kind {k}`)"
+        ),
+    }
+}
+
+pub fn prune_failed(error: &str) -> Alert {
+    Alert {
+        subject: format!("backup pruning failed: {}", first_line(error)),
+        what_failed: format!("Applying retention failed: {error}"),
+        what_done: "Pruning stopped where it failed; it deletes a backup's manifest first, so a half-deleted backup \
+                    is no longer listed, never half-listed."
+            .into(),
+        what_safe: "Backups that were to be kept are untouched; the bucket may hold more than retention asks.".into(),
+        next: "journalctl -u caretaker -n 100; then `caretaker backup prune --dry-run` and `caretaker backup prune`"
+            .into(),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    let line = s.lines().next().unwrap_or_default();
+    match line.char_indices().nth(120) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
+}

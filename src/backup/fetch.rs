@@ -1,0 +1,236 @@
+//! The way back: S3 → age → zstd → a sink (pg_restore's stdin, a file, or nothing for a hash-only
+//! check), in bounded memory and hashing as it goes: SHA-256 of the stored bytes and of the
+//! plaintext, compared with the manifest by [`check`].
+//!
+//! ```text
+//! download task ──stored chunks (bounded)──▶ decoder thread: sha256(stored), age, zstd, sha256(plain)
+//!                                             ──plain chunks (bounded)──▶ the sink
+//! ```
+//! age authenticates every 64 KiB chunk, so an altered byte fails the stream at that chunk, before
+//! the sink has seen anything after it; the hashes catch the rest (a different but valid object).
+
+use std::io::{self, Read};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::run::{BackupError, Manifest};
+use crate::aws::s3::{S3, S3Error};
+use crate::config::Config;
+
+const CHUNK: usize = 256 << 10;
+
+/// How a stored object is decrypted.
+pub enum Decryption {
+    /// age X25519 identities (`AGE-SECRET-KEY-1…`), matching the recipients backups are made for.
+    Identities(Vec<age::x25519::Identity>),
+    /// The backup passphrase.
+    Passphrase(age::secrecy::SecretString),
+}
+
+/// The decryption for this configuration: with `backup.recipients`, the identity in
+/// `backup.identity-var` of the env file `backup.passphrase-file`; else the passphrase.
+pub fn decryption(cfg: &Config) -> Result<Decryption, BackupError> {
+    let b = &cfg.backup;
+    let file = cfg.secrets.env_dir.join(format!("{}.env", b.passphrase_file));
+    let read = |var: &str| {
+        let no_key = || BackupError::NoKey { file: file.display().to_string(), var: var.to_string() };
+        crate::boot::secrets::read_env_var(&file, var).map_err(|_| no_key())?.ok_or_else(no_key)
+    };
+    if b.recipients.is_empty() {
+        let pass = read(&b.passphrase_var)?;
+        return Ok(Decryption::Passphrase(age::secrecy::SecretString::from(pass.expose().to_string())));
+    }
+    let text = read(&b.identity_var)?;
+    let identities: Result<Vec<age::x25519::Identity>, _> = text
+        .expose()
+        .split([',', ' ', '\n'])
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<age::x25519::Identity>())
+        .collect();
+    match identities {
+        Ok(ids) if !ids.is_empty() => Ok(Decryption::Identities(ids)),
+        // Never echo the value: it is a secret key.
+        _ => Err(BackupError::Setup(format!(
+            "{} in {} is not an age identity (AGE-SECRET-KEY-1…): cannot decrypt backups",
+            b.identity_var,
+            file.display()
+        ))),
+    }
+}
+
+/// What went through.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fetched {
+    pub stored_bytes: u64,
+    pub stored_sha256: String,
+    pub plain_bytes: u64,
+    pub plain_sha256: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("s3://{bucket}/{key} does not exist")]
+    NotFound { bucket: String, key: String },
+    #[error("{0}")]
+    S3(#[from] S3Error),
+    #[error("cannot decrypt: {0} (is the right identity or passphrase configured?)")]
+    Key(String),
+    #[error("the stored object is damaged or was altered: {0}")]
+    Damaged(String),
+    #[error("writing the restored data: {0}")]
+    Sink(io::Error),
+}
+
+/// Stored bytes from the download task, read synchronously by the decoder thread.
+struct ChannelReader {
+    rx: mpsc::Receiver<Result<Bytes, String>>,
+    buf: Bytes,
+    hash: Sha256,
+    total: u64,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.buf.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(b)) => {
+                    self.hash.update(&b);
+                    self.total += b.len() as u64;
+                    self.buf = b;
+                }
+                Some(Err(e)) => return Err(io::Error::other(format!("download failed: {e}"))),
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        let _ = self.buf.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Streams `s3://bucket/key` through decryption and decompression into `sink`; `progress` gets
+/// (stored bytes, plaintext bytes) as it goes. The sink is flushed and shut down at the end.
+pub async fn fetch_into<W>(
+    s3: &S3,
+    bucket: &str,
+    key: &str,
+    decryption: Decryption,
+    mut sink: W,
+    progress: impl Fn(u64, u64) + Send,
+) -> Result<Fetched, FetchError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut body = s3
+        .get_stream(bucket, key)
+        .await?
+        .ok_or_else(|| FetchError::NotFound { bucket: bucket.into(), key: key.into() })?;
+    let (in_tx, in_rx) = mpsc::channel::<Result<Bytes, String>>(8);
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(4);
+
+    let download = tokio::spawn(async move {
+        loop {
+            match body.next().await {
+                None => return,
+                Some(Ok(b)) => {
+                    if in_tx.send(Ok(b)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = in_tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            }
+        }
+    });
+
+    let decoder = tokio::task::spawn_blocking(move || -> Result<Fetched, FetchError> {
+        let mut reader = ChannelReader { rx: in_rx, buf: Bytes::new(), hash: Sha256::new(), total: 0 };
+        let plain_out = {
+            let decryptor =
+                age::Decryptor::new(&mut reader).map_err(|e| FetchError::Damaged(format!("age header: {e}")))?;
+            let decrypted = match decryption {
+                Decryption::Identities(ids) => decryptor
+                    .decrypt(ids.iter().map(|i| i as &dyn age::Identity))
+                    .map_err(|e| FetchError::Key(e.to_string()))?,
+                Decryption::Passphrase(p) => {
+                    let mut id = age::scrypt::Identity::new(p);
+                    id.set_max_work_factor(20);
+                    decryptor
+                        .decrypt(std::iter::once(&id as &dyn age::Identity))
+                        .map_err(|e| FetchError::Key(e.to_string()))?
+                }
+            };
+            let mut z = zstd::stream::read::Decoder::new(decrypted).map_err(|e| FetchError::Damaged(e.to_string()))?;
+            let mut plain = Sha256::new();
+            let mut plain_bytes = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = z.read(&mut buf).map_err(|e| FetchError::Damaged(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                plain.update(&buf);
+                plain_bytes += n as u64;
+                if out_tx.blocking_send(Bytes::from(buf)).is_err() {
+                    // The sink side stopped (its error is reported there).
+                    return Err(FetchError::Sink(io::Error::other("the consumer stopped reading")));
+                }
+            }
+            (plain_bytes, hex::encode(plain.finalize()))
+        };
+        // Whatever follows the end of the age stream still counts for the stored hash.
+        io::copy(&mut reader, &mut io::sink()).map_err(|e| FetchError::Damaged(e.to_string()))?;
+        Ok(Fetched {
+            stored_bytes: reader.total,
+            stored_sha256: hex::encode(reader.hash.finalize()),
+            plain_bytes: plain_out.0,
+            plain_sha256: plain_out.1,
+        })
+    });
+
+    let mut written = 0u64;
+    let mut sink_error = None;
+    while let Some(chunk) = out_rx.recv().await {
+        if let Err(e) = sink.write_all(&chunk).await {
+            sink_error = Some(e);
+            break;
+        }
+        written += chunk.len() as u64;
+        progress(0, written);
+    }
+    drop(out_rx);
+    let decoded = decoder.await.map_err(|e| FetchError::Damaged(format!("decoder thread: {e}")));
+    download.abort();
+    if let Some(e) = sink_error {
+        return Err(FetchError::Sink(e));
+    }
+    let fetched = decoded??;
+    sink.shutdown().await.map_err(FetchError::Sink)?;
+    progress(fetched.stored_bytes, fetched.plain_bytes);
+    Ok(fetched)
+}
+
+/// What does not match between the manifest and what was read (empty: everything matches).
+pub fn check(m: &Manifest, f: &Fetched) -> Vec<String> {
+    let mut problems = Vec::new();
+    if f.stored_sha256 != m.stored_sha256 || f.stored_bytes != m.stored_bytes {
+        problems.push(format!(
+            "stored object: {} bytes, sha256 {} — the manifest says {} bytes, sha256 {}",
+            f.stored_bytes, f.stored_sha256, m.stored_bytes, m.stored_sha256
+        ));
+    }
+    if f.plain_sha256 != m.plain_sha256 || f.plain_bytes != m.plain_bytes {
+        problems.push(format!(
+            "restored data: {} bytes, sha256 {} — the manifest says {} bytes, sha256 {}",
+            f.plain_bytes, f.plain_sha256, m.plain_bytes, m.plain_sha256
+        ));
+    }
+    problems
+}

@@ -1,0 +1,334 @@
+//! Loading a backup into a NEW database, checked all the way, and the restore drill built on it.
+//!
+//! [`load_postgres`] creates the database, streams the object through [`super::fetch`] into
+//! `pg_restore`'s stdin, compares both hashes with the manifest and every table's row count with
+//! the counts taken in the dump's snapshot. Any failure drops the new database; nothing else is
+//! touched. The drill ([`verify`]) loads into a scratch database, drops it, and stores
+//! `verify.json` beside the backup (retention never deletes the newest verified backup). A restore
+//! (`crate::restore`) loads the same way and then swaps.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use super::fetch::{self, Fetched};
+use super::run::{self, DATA, Kind, Manifest, VERIFY};
+use crate::aws::s3::S3;
+use crate::config::Config;
+use crate::pg::quote_ident;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0}")]
+    Backup(#[from] run::BackupError),
+    #[error("no {kind} backup {id} in s3://{bucket}/{prefix}/ (see `caretaker backup list`)")]
+    NoSuchBackup { kind: &'static str, id: String, bucket: String, prefix: String },
+    #[error("{0}")]
+    Fetch(#[from] fetch::FetchError),
+    #[error("postgres: {0}")]
+    Pg(String),
+    #[error("pg_restore failed ({status}): {stderr}")]
+    Restore { status: String, stderr: String },
+    #[error("the restored copy does not match the backup's manifest: {}", .0.join("; "))]
+    Mismatch(Vec<String>),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<crate::pg::PgError> for VerifyError {
+    fn from(e: crate::pg::PgError) -> Self {
+        VerifyError::Pg(e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for VerifyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        VerifyError::Pg(e.to_string())
+    }
+}
+
+/// The backup `id` of `kind` (`latest`: the newest).
+pub async fn find(cfg: &Config, s3: &S3, kind: Kind, id: &str) -> Result<Manifest, VerifyError> {
+    let all = run::list(cfg, s3, kind).await?;
+    let found = if id == "latest" { all.last().cloned() } else { all.into_iter().find(|m| m.id == id) };
+    found.ok_or_else(|| VerifyError::NoSuchBackup {
+        kind: kind.as_str(),
+        id: id.into(),
+        bucket: cfg.backup.bucket.clone().unwrap_or_default(),
+        prefix: cfg.backup.prefix.clone(),
+    })
+}
+
+/// A database loaded from a backup and checked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Loaded {
+    pub database: String,
+    pub fetched: Fetched,
+    /// table → (in the manifest, in the new database).
+    pub tables: BTreeMap<String, (i64, i64)>,
+    pub load_ms: u64,
+}
+
+/// Drops `database` if it exists, ending its sessions.
+pub async fn drop_database(cfg: &Config, database: &str) -> Result<(), VerifyError> {
+    let admin = crate::supervise::supervisor::pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(database))).await?;
+    Ok(())
+}
+
+/// Creates `database` (it must not exist), restores backup `m` into it and checks it against the
+/// manifest. On any failure the new database is dropped and the error returned.
+pub async fn load_postgres(
+    cfg: &Config,
+    s3: &S3,
+    m: &Manifest,
+    database: &str,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<Loaded, VerifyError> {
+    let target = crate::supervise::supervisor::pg_target(cfg);
+    let admin = target.connect("postgres", Duration::from_secs(30)).await?;
+    admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(database))).await?;
+    drop(admin);
+    let result = load_into(cfg, s3, m, database, progress).await;
+    if result.is_err()
+        && let Err(e) = drop_database(cfg, database).await
+    {
+        tracing::error!("could not drop the incomplete database {database}: {e} (the next daemon start will)");
+    }
+    result
+}
+
+async fn load_into(
+    cfg: &Config,
+    s3: &S3,
+    m: &Manifest,
+    database: &str,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<Loaded, VerifyError> {
+    let started = Instant::now();
+    let bucket = cfg.backup.bucket.clone().ok_or(run::BackupError::NoBucket)?;
+    let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Postgres, &m.id));
+    let decryption = fetch::decryption(cfg)?;
+    let target = crate::supervise::supervisor::pg_target(cfg);
+    let user = nix::unistd::User::from_name(&target.user)
+        .ok()
+        .flatten()
+        .ok_or_else(|| VerifyError::Pg(format!("no OS user {}", target.user)))?;
+    let mut child = tokio::process::Command::new("pg_restore")
+        .args([
+            format!("--host={}", target.socket_dir.display()),
+            format!("--port={}", target.port),
+            format!("--username={}", target.user),
+            format!("--dbname={database}"),
+            "--no-password".into(),
+            "--exit-on-error".into(),
+        ])
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| VerifyError::Pg(format!("cannot run pg_restore: {e}")))?;
+    let stdin = child.stdin.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf).await;
+        String::from_utf8_lossy(&buf).trim().to_string()
+    });
+    progress(format!(
+        "postgres: restoring backup {} ({} stored) into database {database}",
+        m.id,
+        crate::control::client::human_bytes(m.stored_bytes)
+    ));
+    let total = m.plain_bytes;
+    let last = std::sync::Mutex::new(Instant::now());
+    let fetched = fetch::fetch_into(s3, &bucket, &key, decryption, stdin, |_, plain| {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() < Duration::from_secs(2) && plain < total {
+            return;
+        }
+        *last = Instant::now();
+        progress(format!(
+            "postgres: restored {} of {}",
+            crate::control::client::human_bytes(plain),
+            crate::control::client::human_bytes(total)
+        ))
+    })
+    .await;
+    let fetched = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = child.kill().await;
+            return Err(e.into());
+        }
+    };
+    let status = child.wait().await.map_err(|e| VerifyError::Pg(format!("waiting for pg_restore: {e}")))?;
+    let stderr = err_task.await.unwrap_or_default();
+    if !status.success() {
+        return Err(VerifyError::Restore { status: status.to_string(), stderr });
+    }
+    let mut problems = fetch::check(m, &fetched);
+    progress(format!(
+        "postgres: hashes {}; counting rows in {database}",
+        if problems.is_empty() { "match" } else { "DIFFER" }
+    ));
+    let client = target.connect(database, Duration::from_secs(30)).await?;
+    let actual = super::postgres::row_counts(&client).await?;
+    let expected = run::row_counts(m);
+    let mut tables = BTreeMap::new();
+    for (t, e) in &expected {
+        tables.insert(t.clone(), (*e, actual.get(t).copied().unwrap_or(-1)));
+    }
+    for (t, a) in &actual {
+        tables.entry(t.clone()).or_insert((-1, *a));
+    }
+    for (t, e, a) in super::postgres::compare_counts(&expected, &actual) {
+        problems.push(match (e, a) {
+            (_, -1) => format!("table {t} is missing ({e} rows expected)"),
+            (-1, _) => format!("table {t} is not in the manifest ({a} rows)"),
+            _ => format!("table {t}: {a} rows, the manifest says {e}"),
+        });
+    }
+    if !problems.is_empty() {
+        return Err(VerifyError::Mismatch(problems));
+    }
+    Ok(Loaded { database: database.into(), fetched, tables, load_ms: started.elapsed().as_millis() as u64 })
+}
+
+/// `verify.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: u32,
+    pub id: String,
+    pub kind: Kind,
+    pub ok: bool,
+    /// RFC 3339.
+    pub checked_at: String,
+    pub duration_ms: u64,
+    /// What was checked, one line each.
+    pub checks: Vec<String>,
+    /// Why it failed (empty when ok).
+    pub problems: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched: Option<Fetched>,
+    /// postgres: table → (in the manifest, restored).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tables: BTreeMap<String, (i64, i64)>,
+}
+
+/// The scratch database of a drill.
+pub fn scratch_name(id: &str) -> String {
+    format!("caretaker_verify_{}", id.to_ascii_lowercase().replace('-', "_"))
+}
+
+/// A byte sink that keeps the first bytes (for the RDB magic).
+struct HeadSink {
+    head: Vec<u8>,
+}
+
+impl tokio::io::AsyncWrite for HeadSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let want = 9usize.saturating_sub(self.head.len()).min(buf.len());
+        self.head.extend_from_slice(&buf[..want]);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The restore drill of backup `m`: download, both hashes, and for postgres a restore into a
+/// scratch database with every table's row count compared; the scratch database is dropped. The
+/// report is stored as `verify.json` beside the backup (also when the drill failed).
+pub async fn verify(
+    cfg: &Config,
+    s3: &S3,
+    m: &Manifest,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<Report, VerifyError> {
+    let started = Instant::now();
+    let bucket = cfg.backup.bucket.clone().ok_or(run::BackupError::NoBucket)?;
+    let mut report = Report {
+        schema: 1,
+        id: m.id.clone(),
+        kind: m.kind,
+        ok: false,
+        checked_at: String::new(),
+        duration_ms: 0,
+        checks: vec![],
+        problems: vec![],
+        fetched: None,
+        tables: BTreeMap::new(),
+    };
+    let outcome: Result<(), VerifyError> = async {
+        match m.kind {
+            Kind::Postgres => {
+                let scratch = scratch_name(&m.id);
+                drop_database(cfg, &scratch).await?;
+                let loaded = load_postgres(cfg, s3, m, &scratch, progress).await;
+                let dropped = drop_database(cfg, &scratch).await;
+                let loaded = loaded?;
+                dropped?;
+                report.checks.push(format!(
+                    "restored into a scratch database with pg_restore: {} tables, {} rows, row counts equal to the manifest",
+                    loaded.tables.len(),
+                    loaded.tables.values().map(|(e, _)| e).sum::<i64>()
+                ));
+                report.checks.push("stored and plaintext SHA-256 equal to the manifest".into());
+                report.fetched = Some(loaded.fetched);
+                report.tables = loaded.tables;
+            }
+            Kind::Redis => {
+                let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Redis, &m.id));
+                progress(format!("redis: downloading and decrypting backup {}", m.id));
+                let mut sink = HeadSink { head: Vec::new() };
+                let fetched = fetch::fetch_into(s3, &bucket, &key, fetch::decryption(cfg)?, &mut sink, |_, _| {}).await?;
+                let mut problems = fetch::check(m, &fetched);
+                if !sink.head.starts_with(b"REDIS") {
+                    problems.push("the restored data is not an RDB file (no REDIS magic)".into());
+                }
+                if !problems.is_empty() {
+                    return Err(VerifyError::Mismatch(problems));
+                }
+                report.checks.push("stored and plaintext SHA-256 equal to the manifest; an RDB file".into());
+                report.fetched = Some(fetched);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    report.checked_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    match &outcome {
+        Ok(()) => report.ok = true,
+        Err(VerifyError::Mismatch(p)) => report.problems = p.clone(),
+        Err(e) => report.problems = vec![e.to_string()],
+    }
+    let mut json = serde_json::to_vec_pretty(&report).expect("report serializes");
+    json.push(b'\n');
+    let key = format!("{}{VERIFY}", run::folder(&cfg.backup.prefix, m.kind, &m.id));
+    if let Err(e) = s3.put_object(&bucket, &key, json).await {
+        tracing::error!("cannot store {key}: {e}");
+    }
+    outcome.map(|()| report)
+}

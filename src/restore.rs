@@ -1,0 +1,476 @@
+//! Restores from caretaker's own backups. The live data is never at risk:
+//!
+//! - **PostgreSQL**: the backup is loaded into a NEW database `DB_restore_TS` and checked (both
+//!   hashes, every table's row count: [`crate::backup::verify::load_postgres`]); any failure drops
+//!   it and changes nothing. Only then: the API is stopped through systemd, sessions on the live
+//!   database are ended, and in one transaction the live database becomes `DB_pre_restore_TS` (kept)
+//!   and the new one becomes `DB`. The API is started and health-gated; a failed gate swaps back.
+//! - **Redis**: the RDB is downloaded and checked next to the live one, Redis is stopped, the live
+//!   RDB is kept aside as `FILE.pre-restore-TS`, the new one renamed into place, Redis started and
+//!   its DBSIZE compared with the manifest; on any failure the old RDB is put back.
+//!
+//! A daemon killed mid-restore leaves at most a `DB_restore_TS` database (dropped at the next
+//! start by [`cleanup_leftovers`]) or a `.FILE.restore-TS` download (removed likewise).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::aws::s3::S3;
+use crate::backup::fetch;
+use crate::backup::run::{self, DATA, Kind};
+use crate::backup::verify::{self, VerifyError};
+use crate::config::{Config, ServiceKind};
+use crate::pg::{quote_ident, quote_literal};
+use crate::supervise::maintenance;
+use crate::supervise::supervisor::{pg_target, probe_for};
+use crate::systemd::manager::Systemd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{0}")]
+    Verify(#[from] VerifyError),
+    #[error("postgres: {0}")]
+    Pg(String),
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("systemd: {0}")]
+    Systemd(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Fs(String),
+}
+
+impl From<crate::pg::PgError> for RestoreError {
+    fn from(e: crate::pg::PgError) -> Self {
+        RestoreError::Pg(e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for RestoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        RestoreError::Pg(e.to_string())
+    }
+}
+
+/// `20261122_170501`: a suffix for the names restores create.
+pub fn stamp(t: SystemTime) -> String {
+    let s = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-22T17:05:01Z
+    s.trim_end_matches('Z').replace(['-', ':'], "").replace('T', "_")
+}
+
+/// Whether `name` is a database a restore kept (`DB_pre_restore_YYYYMMDD_HHMMSS`).
+pub fn is_kept_name(db: &str, name: &str) -> bool {
+    name.strip_prefix(db).and_then(|r| r.strip_prefix("_pre_restore_")).is_some_and(is_stamp)
+}
+
+fn is_stamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 15 && b[8] == b'_' && b.iter().enumerate().all(|(i, c)| i == 8 || c.is_ascii_digit())
+}
+
+/// What a PostgreSQL restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PgRestored {
+    pub backup: String,
+    pub database: String,
+    /// The previous live database, kept under this name (none when there was none).
+    pub kept: Option<String>,
+    pub tables: usize,
+    pub rows: i64,
+    pub api_restarted: bool,
+}
+
+async fn api_was_active(systemd: &Systemd, unit: &str) -> bool {
+    systemd.state(unit).await.map(|s| s.is_active()).unwrap_or(false)
+}
+
+async fn stop(systemd: &Systemd, unit: &str, cfg: &Config) -> Result<(), RestoreError> {
+    let out = systemd
+        .stop(unit, cfg.supervise.start_timeout.get())
+        .await
+        .map_err(|e| RestoreError::Systemd(e.to_string()))?;
+    if out.state.is_active() {
+        return Err(RestoreError::Systemd(format!("{unit} is still {} after stopping it", out.state.active_state)));
+    }
+    Ok(())
+}
+
+async fn start(systemd: &Systemd, unit: &str, cfg: &Config) -> Result<(), RestoreError> {
+    let out = systemd
+        .start(unit, cfg.supervise.start_timeout.get())
+        .await
+        .map_err(|e| RestoreError::Systemd(e.to_string()))?;
+    if !out.state.is_active() {
+        return Err(RestoreError::Systemd(format!(
+            "{unit} did not start: job {}, unit {} ({})",
+            out.job_result, out.state.active_state, out.state.result
+        )));
+    }
+    Ok(())
+}
+
+/// Renames `from` → `to` and `new` → `live` in one transaction, after ending every session on
+/// `live` (retried while sessions linger). `live` may not exist (then only `new` is renamed).
+async fn swap(cfg: &Config, live: &str, new: &str, aside: &str) -> Result<bool, RestoreError> {
+    let admin = pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
+    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&live]).await?.is_some();
+    let mut last = String::new();
+    for _ in 0..20 {
+        if exists {
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&live],
+                )
+                .await?;
+        }
+        let sql = if exists {
+            format!(
+                "BEGIN; ALTER DATABASE {l} RENAME TO {a}; ALTER DATABASE {n} RENAME TO {l}; COMMIT;",
+                l = quote_ident(live),
+                a = quote_ident(aside),
+                n = quote_ident(new)
+            )
+        } else {
+            format!("ALTER DATABASE {} RENAME TO {}", quote_ident(new), quote_ident(live))
+        };
+        match admin.batch_execute(&sql).await {
+            Ok(()) => return Ok(exists),
+            Err(e) => {
+                let _ = admin.batch_execute("ROLLBACK").await;
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    Err(RestoreError::Pg(format!("cannot rename the databases (sessions keep coming back?): {last}")))
+}
+
+/// Restores PostgreSQL backup `backup` (`latest` or an id) as database `target` (default
+/// `backup.database`). See the module docs for the order of things.
+pub async fn restore_postgres(
+    cfg: &Config,
+    s3: &S3,
+    systemd: &Systemd,
+    backup: &str,
+    target: Option<&str>,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<PgRestored, RestoreError> {
+    let live = target.unwrap_or(&cfg.backup.database).to_string();
+    let m = verify::find(cfg, s3, Kind::Postgres, backup).await?;
+    let ts = stamp(SystemTime::now());
+    let new = format!("{live}_restore_{ts}");
+    let aside = format!("{live}_pre_restore_{ts}");
+    progress(format!(
+        "restore: backup {} of {} ({} rows in {} tables) into the new database {new}",
+        m.id,
+        m.started_at,
+        run::row_counts(&m).values().sum::<i64>(),
+        run::row_counts(&m).len()
+    ));
+    let loaded = verify::load_postgres(cfg, s3, &m, &new, progress).await?;
+    progress(format!(
+        "verify: {new} matches the backup: both hashes, {} tables with their row counts",
+        loaded.tables.len()
+    ));
+
+    // The point of no return is the rename; everything before it left the live data alone.
+    let api = cfg.services.api.unit.to_string();
+    let _hold = maintenance::hold(&api, "restore in progress");
+    let api_active = api_was_active(systemd, &api).await;
+    if api_active {
+        progress(format!("swap: stopping {api}"));
+        if let Err(e) = stop(systemd, &api, cfg).await {
+            let _ = verify::drop_database(cfg, &new).await;
+            return Err(e);
+        }
+    }
+    progress(format!("swap: {live} → {aside} (kept), {new} → {live}"));
+    let had_live = match swap(cfg, &live, &new, &aside).await {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = verify::drop_database(cfg, &new).await;
+            if api_active {
+                let _ = start(systemd, &api, cfg).await;
+            }
+            return Err(e);
+        }
+    };
+    if had_live {
+        let admin = pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
+        let _ = admin
+            .batch_execute(&format!(
+                "COMMENT ON DATABASE {} IS {}",
+                quote_ident(&aside),
+                quote_literal(&format!("kept by caretaker restore of backup {} at {ts}", m.id))
+            ))
+            .await;
+    }
+    if api_active {
+        progress(format!("swap: starting {api} and health-gating it"));
+        let gate = crate::release::update::Gate::from_config(cfg);
+        let started = start(systemd, &api, cfg).await;
+        let gated = match started {
+            Ok(()) => gate.run(&probe_for(cfg, ServiceKind::Api)).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(reason) = gated {
+            if !had_live {
+                return Err(RestoreError::Refused(format!(
+                    "the API is unhealthy on the restored database ({reason}); there was no previous database to swap back to"
+                )));
+            }
+            warn!("the API is unhealthy on the restored database: {reason}; swapping back");
+            progress(format!("swap back: the API is unhealthy on the restored database: {reason}"));
+            let _ = stop(systemd, &api, cfg).await;
+            let failed = format!("{live}_failed_restore_{ts}");
+            swap(cfg, &live, &aside, &failed).await?;
+            start(systemd, &api, cfg).await?;
+            return Err(RestoreError::Refused(format!(
+                "swapped back: the API was unhealthy on the restored database ({reason}); the live database is the one \
+                 from before, the restored copy is kept as {failed}"
+            )));
+        }
+    }
+    info!("restored backup {} as {live}; the previous database is kept as {aside}", m.id);
+    Ok(PgRestored {
+        backup: m.id.clone(),
+        database: live,
+        kept: had_live.then_some(aside),
+        tables: loaded.tables.len(),
+        rows: loaded.tables.values().map(|(e, _)| e).sum(),
+        api_restarted: api_active,
+    })
+}
+
+/// A database a restore kept.
+#[derive(Debug, Clone, Serialize)]
+pub struct Kept {
+    pub name: String,
+    pub bytes: i64,
+    pub comment: String,
+}
+
+pub async fn list_kept(cfg: &Config) -> Result<Vec<Kept>, RestoreError> {
+    let admin = pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
+    let rows = admin
+        .query(
+            "SELECT d.datname, pg_database_size(d.oid), coalesce(shobj_description(d.oid, 'pg_database'), '') \
+             FROM pg_database d ORDER BY 1",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Kept { name: r.get(0), bytes: r.get(1), comment: r.get(2) })
+        .filter(|k| is_kept_name(&cfg.backup.database, &k.name) || k.name.contains("_failed_restore_"))
+        .collect())
+}
+
+pub async fn drop_kept(cfg: &Config, name: &str) -> Result<(), RestoreError> {
+    let kept = list_kept(cfg).await?;
+    if !kept.iter().any(|k| k.name == name) {
+        return Err(RestoreError::Refused(format!(
+            "`{name}` is not a database kept by a restore; kept: {}",
+            if kept.is_empty() {
+                "none".to_string()
+            } else {
+                kept.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        )));
+    }
+    verify::drop_database(cfg, name).await?;
+    Ok(())
+}
+
+/// At daemon start (no job running): drops `DB_restore_TS` and `caretaker_verify_*` databases
+/// and removes `.FILE.restore-TS` downloads left by a killed restore or drill.
+pub async fn cleanup_leftovers(cfg: &Config) -> Vec<String> {
+    let mut done = Vec::new();
+    let db = &cfg.backup.database;
+    match pg_target(cfg).connect("postgres", Duration::from_secs(10)).await {
+        Ok(admin) => {
+            if let Ok(rows) = admin.query("SELECT datname FROM pg_database", &[]).await {
+                for r in rows {
+                    let name: String = r.get(0);
+                    let leftover =
+                        name.strip_prefix(db.as_str()).and_then(|r| r.strip_prefix("_restore_")).is_some_and(is_stamp)
+                            || name.starts_with("caretaker_verify_");
+                    if leftover {
+                        match verify::drop_database(cfg, &name).await {
+                            Ok(()) => done
+                                .push(format!("dropped the database {name} left by an interrupted restore or drill")),
+                            Err(e) => warn!("cannot drop the leftover database {name}: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) => info!("leftover restore databases not checked: postgres unreachable: {e}"),
+    }
+    if let Ok(entries) = std::fs::read_dir(&cfg.services.redis.data_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".restore-") && std::fs::remove_file(e.path()).is_ok() {
+                done.push(format!("removed the interrupted download {}", e.path().display()));
+            }
+        }
+    }
+    done
+}
+
+/// What a Redis restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisRestored {
+    pub backup: String,
+    pub rdb: PathBuf,
+    pub kept: PathBuf,
+    pub dbsize: i64,
+}
+
+async fn redis_query<T: redis::FromRedisValue>(url: &str, cmd: &redis::Cmd) -> Result<T, RestoreError> {
+    let client = redis::Client::open(url).map_err(|e| RestoreError::Redis(e.to_string()))?;
+    let mut conn = client.get_multiplexed_tokio_connection().await.map_err(|e| RestoreError::Redis(e.to_string()))?;
+    cmd.query_async(&mut conn).await.map_err(|e| RestoreError::Redis(e.to_string()))
+}
+
+async fn config_get(url: &str, key: &str) -> Result<String, RestoreError> {
+    let v: Vec<String> = redis_query(url, redis::cmd("CONFIG").arg("GET").arg(key)).await?;
+    Ok(v.get(1).cloned().unwrap_or_default())
+}
+
+/// DBSIZE once Redis answers (it may be loading the RDB).
+async fn dbsize_when_up(url: &str, within: Duration) -> Result<i64, RestoreError> {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        match redis_query::<i64>(url, &redis::cmd("DBSIZE")).await {
+            Ok(n) => return Ok(n),
+            Err(e) if tokio::time::Instant::now() >= end => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn chown_like(path: &Path, like: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(like)?;
+    nix::unistd::chown(path, Some(meta.uid().into()), Some(meta.gid().into())).map_err(std::io::Error::from)
+}
+
+/// Restores Redis backup `backup` (`latest` or an id). See the module docs.
+pub async fn restore_redis(
+    cfg: &Config,
+    s3: &S3,
+    systemd: &Systemd,
+    backup: &str,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<RedisRestored, RestoreError> {
+    let url = &cfg.services.redis.url;
+    let m = verify::find(cfg, s3, Kind::Redis, backup).await?;
+    let expected = m.details["dbsize"].as_i64().unwrap_or(-1);
+    if config_get(url, "appendonly").await? == "yes" {
+        return Err(RestoreError::Refused(
+            "Redis runs with appendonly yes: it would load its AOF, not the restored RDB. Restore by hand \
+             (see the README) or turn AOF off first"
+                .into(),
+        ));
+    }
+    let dir = PathBuf::from(config_get(url, "dir").await?);
+    let file = config_get(url, "dbfilename").await?;
+    let file = if file.is_empty() { "dump.rdb".to_string() } else { file };
+    let rdb = dir.join(&file);
+    let ts = stamp(SystemTime::now());
+    let download = dir.join(format!(".{file}.restore-{ts}"));
+    let kept = dir.join(format!("{file}.pre-restore-{ts}"));
+
+    // 1. Download and check next to the live file (same filesystem: the rename is atomic).
+    progress(format!("restore: downloading redis backup {} to {}", m.id, download.display()));
+    let bucket = cfg.backup.bucket.clone().ok_or(run::BackupError::NoBucket).map_err(VerifyError::from)?;
+    let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Redis, &m.id));
+    let fetched = async {
+        let f = tokio::fs::File::create(&download)
+            .await
+            .map_err(|e| RestoreError::Fs(format!("{}: {e}", download.display())))?;
+        let decryption = fetch::decryption(cfg).map_err(VerifyError::from)?;
+        let mut w = tokio::io::BufWriter::new(f);
+        let fetched =
+            fetch::fetch_into(s3, &bucket, &key, decryption, &mut w, |_, _| {}).await.map_err(VerifyError::from)?;
+        let f = w.into_inner();
+        f.sync_all().await.map_err(|e| RestoreError::Fs(format!("fsync {}: {e}", download.display())))?;
+        let problems = fetch::check(&m, &fetched);
+        if !problems.is_empty() {
+            return Err(RestoreError::from(VerifyError::Mismatch(problems)));
+        }
+        let mut head = [0u8; 5];
+        let mut r = std::fs::File::open(&download).map_err(|e| RestoreError::Fs(e.to_string()))?;
+        std::io::Read::read_exact(&mut r, &mut head).map_err(|e| RestoreError::Fs(e.to_string()))?;
+        if &head != b"REDIS" {
+            return Err(RestoreError::Refused("the backup is not an RDB file".into()));
+        }
+        if rdb.exists() {
+            chown_like(&download, &rdb).map_err(|e| RestoreError::Fs(format!("chown {}: {e}", download.display())))?;
+        } else {
+            chown_like(&download, &dir).map_err(|e| RestoreError::Fs(format!("chown {}: {e}", download.display())))?;
+        }
+        Ok(fetched)
+    }
+    .await;
+    if let Err(e) = fetched {
+        let _ = std::fs::remove_file(&download);
+        return Err(e);
+    }
+    progress(format!("verify: the download matches the backup's hashes ({expected} keys expected)"));
+
+    // 2. Stop Redis (it saves on shutdown: the live file then holds the latest data), swap files.
+    let unit = cfg.services.redis.unit.to_string();
+    let _hold = maintenance::hold(&unit, "restore in progress");
+    progress(format!("swap: stopping {unit}"));
+    if let Err(e) = stop(systemd, &unit, cfg).await {
+        let _ = std::fs::remove_file(&download);
+        return Err(e);
+    }
+    let had_live = rdb.exists();
+    let swapped = (|| -> std::io::Result<()> {
+        if had_live {
+            std::fs::rename(&rdb, &kept)?;
+        }
+        std::fs::rename(&download, &rdb)?;
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    let outcome = match swapped {
+        Err(e) => Err(RestoreError::Fs(format!("placing {}: {e}", rdb.display()))),
+        Ok(()) => {
+            progress(format!("swap: starting {unit}"));
+            match start(systemd, &unit, cfg).await {
+                Err(e) => Err(e),
+                Ok(()) => match dbsize_when_up(url, cfg.supervise.start_timeout.get()).await {
+                    Ok(n) if n == expected || expected < 0 => Ok(n),
+                    Ok(n) => Err(RestoreError::Refused(format!(
+                        "Redis holds {n} keys after the restore; the backup had {expected}"
+                    ))),
+                    Err(e) => Err(e),
+                },
+            }
+        }
+    };
+    match outcome {
+        Ok(n) => Ok(RedisRestored { backup: m.id.clone(), rdb, kept, dbsize: n }),
+        Err(e) => {
+            warn!("redis restore failed: {e}; putting the old RDB back");
+            progress(format!("swap back: {e}"));
+            let _ = stop(systemd, &unit, cfg).await;
+            if had_live && kept.exists() {
+                let _ = std::fs::rename(&kept, &rdb);
+            } else if !had_live {
+                let _ = std::fs::remove_file(&rdb);
+            }
+            let _ = std::fs::remove_file(&download);
+            start(systemd, &unit, cfg).await?;
+            Err(RestoreError::Refused(format!("{e}; the previous data is back in place")))
+        }
+    }
+}

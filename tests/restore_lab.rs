@@ -1,0 +1,162 @@
+//! `caretaker restore` in lab boxes: real PostgreSQL (with PostGIS) and Redis, the API under
+//! systemd, backups in moto's S3. The live data must never be at risk: a restore builds a new
+//! copy, verifies it, and only then swaps; a damaged backup or a killed daemon changes nothing.
+
+use std::time::{Duration, Instant};
+
+use caretaker_testkit::lab::{BoxOptions, LabBox};
+use caretaker_testkit::moto::Moto;
+
+const CREDENTIALS: &[(&str, &str)] = &[("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
+
+fn s3_auth() -> (&'static str, &'static str) {
+    (
+        "Authorization",
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0",
+    )
+}
+
+/// postgres + redis + the API running, caretaker backing up to moto for an age recipient whose
+/// identity is in the env file, and `rows` cities (with PostGIS points) in database zmanim.
+fn rig(prefix: &str, rows: u32) -> (LabBox, Moto) {
+    let b = LabBox::start(prefix, BoxOptions::default()).expect("lab box boots");
+    let moto = Moto::start_in_netns(b.pid1()).expect("moto");
+    assert_eq!(moto.request("PUT", "/backups", &[s3_auth()], b"").unwrap().status, 200);
+    let identity = age::x25519::Identity::generate();
+    let config = format!(
+        "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{}\"\n[backup]\nbucket = \"backups\"\ndatabase = \"zmanim\"\nrecipients = [\"{}\"]\n[release]\nhealth-gate-consecutive = 2\nhealth-gate-timeout = \"10s\"\n",
+        moto.endpoint(),
+        identity.to_public()
+    );
+    b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
+    use age::secrecy::ExposeSecret;
+    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", identity.to_string().expose_secret());
+    b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
+    b.set_unit_env("caretaker.service", CREDENTIALS).unwrap();
+    b.sh_ok(&format!(
+        "runuser -u postgres -- psql -qc 'create database zmanim' && \
+         runuser -u postgres -- psql -d zmanim -qc \"create extension postgis; \
+           create table cities(id int primary key, name text, loc geometry(Point, 4326)); \
+           insert into cities select g, 'city ' || g, st_setsrid(st_makepoint(g % 180, g % 90), 4326) from generate_series(1, {rows}) g\" && \
+         redis-cli set a 1 >/dev/null && redis-cli set b 2 >/dev/null && \
+         systemctl daemon-reload && systemctl start zmanim-api.service caretaker.service"
+    ));
+    (b, moto)
+}
+
+fn psql(b: &LabBox, db: &str, sql: &str) -> String {
+    b.sh_ok(&format!("runuser -u postgres -- psql -d {db} -Atc \"{sql}\"")).trim().to_string()
+}
+
+/// Row count and an order-independent checksum of the table's content, ordered by primary key.
+fn fingerprint(b: &LabBox, db: &str) -> String {
+    psql(b, db, "select count(*) || ' ' || md5(string_agg(c::text, ',' order by id)) from cities c")
+}
+
+fn databases(b: &LabBox) -> String {
+    psql(b, "postgres", "select string_agg(datname, ' ' order by datname) from pg_database")
+}
+
+fn backup(b: &LabBox) {
+    let out = b.sh("caretaker backup now");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn restoring_the_latest_backup_after_rows_were_deleted_brings_them_back_and_keeps_the_old_database() {
+    let (b, _moto) = rig("rs-pg", 3000);
+    let before = fingerprint(&b, "zmanim");
+    backup(&b);
+    psql(&b, "zmanim", "delete from cities where id % 3 = 0");
+    assert_ne!(fingerprint(&b, "zmanim"), before);
+
+    let out = b.sh("caretaker restore postgres");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", b.journal("caretaker.service"));
+    for phase in ["restore:", "verify:", "swap:"] {
+        assert!(stdout.contains(phase), "progress names the phase {phase}: {stdout}");
+    }
+    assert_eq!(fingerprint(&b, "zmanim"), before, "the live database equals the backup");
+    let dbs = databases(&b);
+    let kept = dbs.split(' ').find(|d| d.starts_with("zmanim_pre_restore_")).expect("old database kept").to_string();
+    assert_eq!(psql(&b, &kept, "select count(*) from cities"), "2000", "the kept copy is the one before the restore");
+    assert!(!dbs.contains("zmanim_restore_"), "{dbs}");
+    assert_eq!(b.sh_ok("systemctl is-active zmanim-api.service").trim(), "active");
+    assert_eq!(psql(&b, "zmanim", "select count(*) from cities where st_isvalid(loc)"), "3000");
+
+    let listed = b.sh_ok("caretaker restore list-kept");
+    assert!(listed.contains(&kept), "{listed}");
+    let out = b.sh("caretaker restore drop-kept zmanim");
+    assert_eq!(out.status.code(), Some(1), "only kept databases can be dropped: {out:?}");
+    b.sh_ok(&format!("caretaker restore drop-kept {kept}"));
+    assert!(!databases(&b).contains(&kept));
+}
+
+#[test]
+fn a_backup_altered_by_one_byte_is_refused_during_the_stream_and_the_live_data_is_unchanged() {
+    let (b, moto) = rig("rs-bad", 3000);
+    backup(&b);
+    psql(&b, "zmanim", "delete from cities where id > 100");
+    let live = fingerprint(&b, "zmanim");
+    let list =
+        b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres");
+    let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    let id = manifests[0]["id"].as_str().unwrap();
+    let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
+    let mut obj = moto.request("GET", &key, &[s3_auth()], b"").unwrap().body;
+    let at = obj.len() * 2 / 3;
+    obj[at] ^= 0x40;
+    assert_eq!(moto.request("PUT", &key, &[s3_auth()], &obj).unwrap().status, 200);
+
+    let out = b.sh("caretaker restore postgres --backup latest");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("damaged or was altered") && stdout.contains("unchanged"), "{stdout}");
+    assert!(!stdout.contains("swap:"), "nothing was swapped: {stdout}");
+    assert_eq!(fingerprint(&b, "zmanim"), live);
+    let dbs = databases(&b);
+    assert!(!dbs.contains("_restore_"), "the new database is dropped: {dbs}");
+    assert_eq!(b.sh_ok("systemctl is-active zmanim-api.service").trim(), "active", "the API was never stopped");
+}
+
+#[test]
+fn a_daemon_killed_mid_restore_leaves_the_live_database_alone_and_the_leftover_is_dropped_at_start() {
+    let (b, _moto) = rig("rs-kill", 400_000);
+    backup(&b);
+    psql(&b, "zmanim", "delete from cities where id > 10");
+    let live = fingerprint(&b, "zmanim");
+    b.sh_ok("systemd-run --unit=rs-kill-cli --collect caretaker restore postgres");
+    let end = Instant::now() + Duration::from_secs(60);
+    while !databases(&b).contains("zmanim_restore_") {
+        assert!(Instant::now() < end, "the restore never created its database: {}", b.journal("caretaker.service"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.sh_ok("kill -KILL $(systemctl show -p MainPID --value caretaker.service)");
+    assert_eq!(fingerprint(&b, "zmanim"), live, "the live database is untouched");
+    assert_eq!(b.sh_ok("systemctl is-active zmanim-api.service").trim(), "active");
+    // systemd restarts caretaker (Restart=on-failure, 5 s); it drops the leftover.
+    let end = Instant::now() + Duration::from_secs(45);
+    while databases(&b).contains("zmanim_restore_") {
+        assert!(Instant::now() < end, "leftover not dropped: {}\n{}", databases(&b), b.journal("caretaker.service"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(fingerprint(&b, "zmanim"), live);
+    assert!(b.journal("caretaker.service").contains("left by an interrupted restore"));
+}
+
+#[test]
+fn a_redis_restore_brings_back_the_keys_of_the_backup_and_keeps_the_old_rdb() {
+    let (b, _moto) = rig("rs-redis", 10);
+    let out = b.sh("caretaker backup now --kind redis");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    b.sh_ok("redis-cli flushall >/dev/null && redis-cli set c 3 >/dev/null && redis-cli set d 4 >/dev/null && redis-cli set e 5 >/dev/null");
+
+    let out = b.sh("caretaker restore redis");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", b.journal("caretaker.service"));
+    assert_eq!(b.sh_ok("redis-cli --no-raw get a").trim(), "\"1\"");
+    assert_eq!(b.sh_ok("redis-cli dbsize").trim(), "2");
+    assert_eq!(b.sh_ok("redis-cli exists c").trim(), "0");
+    let kept = b.sh_ok("ls /var/lib/redis");
+    assert!(kept.contains("dump.rdb.pre-restore-"), "{kept}");
+}
