@@ -494,6 +494,16 @@ pub struct BackupConfig {
     /// The newest backup and the newest verified backup are always kept.
     pub keep_daily: usize,
     pub keep_weekly: usize,
+    /// When postgres and redis are backed up (UTC calendar expression, e.g. "03:00", "Mon..Fri
+    /// 02:30", "0,12:00"), or "off". A run missed while the box was off runs soon after start.
+    pub schedule: String,
+    /// When the newest backups get their restore drill, or "off".
+    pub verify_schedule: String,
+    /// Each scheduled run waits a random delay up to this (spreads many boxes' load).
+    pub random_delay: Seconds,
+    /// A run missed while the daemon was not running starts this long after the daemon does
+    /// (the services settle first).
+    pub catch_up_delay: Seconds,
 }
 
 impl Default for BackupConfig {
@@ -511,6 +521,10 @@ impl Default for BackupConfig {
             identity_var: "BACKUP_AGE_IDENTITY".into(),
             keep_daily: 7,
             keep_weekly: 4,
+            schedule: "03:00".into(),
+            verify_schedule: "Sun 04:00".into(),
+            random_delay: Seconds::from_secs(0),
+            catch_up_delay: Seconds::from_secs(120),
         }
     }
 }
@@ -883,6 +897,13 @@ fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> Result<(), 
     }
     if b.part_size < 5 << 20 || b.parts_in_flight == 0 || b.parts_in_flight > 32 {
         return Err(fail("backup.part-size", "part-size must be at least 5 MiB and parts-in-flight 1–32".into()));
+    }
+    for (key, text) in [("backup.schedule", &b.schedule), ("backup.verify-schedule", &b.verify_schedule)] {
+        if text != "off"
+            && let Err(e) = crate::backup::schedule::Calendar::parse(text)
+        {
+            return Err(fail(key, format!("`{text}` is not a calendar expression (or \"off\"): {e}")));
+        }
     }
     for r in &b.recipients {
         if !r.starts_with("age1") {

@@ -312,6 +312,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         incidents: vec![],
         current_job: None,
         recent_jobs: vec![],
+        schedule: None,
     }));
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(8);
 
@@ -352,6 +353,11 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     if daemon.loaded.config.backup.bucket.is_some() {
         let cfg = daemon.loaded.config.clone();
         tasks.spawn(async move { abort_stale_uploads(&cfg).await });
+    }
+    {
+        let (config, jobs, status, cancel) =
+            (daemon.shared_config.clone(), jobs.clone(), daemon.status.clone(), cancel.clone());
+        tasks.spawn(async move { crate::backup::scheduler::run(config, jobs, status, cancel).await });
     }
     {
         let cfg = Arc::new(daemon.loaded.config.clone());

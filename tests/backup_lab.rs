@@ -171,3 +171,38 @@ fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
     let dbs = b.sh_ok("runuser -u postgres -- psql -Atc 'select datname from pg_database'");
     assert!(!dbs.contains("caretaker_verify"), "the scratch database is dropped after a failure too: {dbs}");
 }
+
+#[test]
+fn a_missed_scheduled_backup_runs_soon_after_start_then_retention_and_status_shows_the_schedule() {
+    let (b, moto) = drill_rig("bk-sched");
+    // No backup exists yet, so the last scheduled moment was missed: caught up after 1 s.
+    b.write_file(
+        "/etc/caretaker/caretaker.d/60-schedule.toml",
+        b"[backup]\nschedule = \"03:00\"\nverify-schedule = \"off\"\ncatch-up-delay = \"1s\"\n",
+        0o644,
+    )
+    .unwrap();
+    b.sh_ok("systemctl restart caretaker");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        let s: serde_json::Value = serde_json::from_str(&b.sh_ok("caretaker status --json")).unwrap();
+        if s["daemon"]["schedule"]["last_backup_ok"] == true
+            && s["daemon"]["recent_jobs"].as_array().is_some_and(|j| j.iter().any(|j| j["kind"] == "prune"))
+        {
+            break s;
+        }
+        assert!(std::time::Instant::now() < end, "no scheduled backup: {s:#}\n{}", b.journal("caretaker.service"));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let schedule = &status["daemon"]["schedule"];
+    assert_eq!(schedule["backup_schedule"], "03:00");
+    assert!(schedule["next_backup"].as_str().unwrap().ends_with("03:00:00Z"), "{schedule:#}");
+    assert!(schedule["next_verify"].is_null(), "verify is off: {schedule:#}");
+    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
+    assert_eq!(list.matches("manifest.json").count(), 2, "postgres and redis backed up: {list}");
+    // Recorded: a restart does not back up again.
+    b.sh_ok("systemctl restart caretaker");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
+    assert_eq!(list.matches("manifest.json").count(), 2, "no second catch-up: {list}");
+}

@@ -14,6 +14,8 @@ pub mod retention;
 pub mod run;
 /// Calendar expressions for backups and drills.
 pub mod schedule;
+/// The daemon's schedule of backups, retention and drills.
+pub mod scheduler;
 /// plaintext → zstd → age → S3 multipart, bounded memory, no disk.
 pub mod stream;
 /// Restore drills; loading a backup into a new database, checked.

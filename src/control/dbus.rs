@@ -58,6 +58,9 @@ pub struct DaemonStatus {
     /// Finished jobs, newest last.
     #[serde(default)]
     pub recent_jobs: Vec<super::jobs::JobInfo>,
+    /// The backup schedule: next and last runs (none when backups are not configured).
+    #[serde(default)]
+    pub schedule: Option<crate::backup::scheduler::ScheduleStatus>,
 }
 
 /// `all`, `postgres` or `redis` as kinds.
@@ -90,6 +93,155 @@ async fn pump<T>(
     out
 }
 
+/// Applies retention.
+pub fn prune_job(
+    cfg: crate::config::Config,
+    dry_run: bool,
+    alerts: Option<crate::notify::Alerts>,
+) -> impl FnOnce(super::jobs::JobCtx) -> super::jobs::JobFuture {
+    move |ctx| {
+        Box::pin(async move {
+            let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+            let reports = match crate::backup::run::prune(&cfg, &s3, dry_run).await {
+                Ok(r) => {
+                    if let Some(a) = &alerts {
+                        a.resolve("prune", "Retention was applied.");
+                    }
+                    r
+                }
+                Err(e) => {
+                    if let Some(a) = &alerts {
+                        a.open("prune", crate::backup::alerts::prune_failed(&e.to_string()));
+                    }
+                    return Err(e.to_string());
+                }
+            };
+            let mut gone = 0;
+            let mut kept = 0;
+            for r in &reports {
+                for d in &r.decisions {
+                    let verb = match (d.keep, dry_run) {
+                        (true, _) => "keep",
+                        (false, true) => "would delete",
+                        (false, false) => "deleted",
+                    };
+                    ctx.phase(&format!("{} {} {verb} {}", r.kind.as_str(), d.id, d.reasons.join(", "))).await;
+                    if d.keep { kept += 1 } else { gone += 1 }
+                }
+            }
+            Ok(format!("{kept} kept, {gone} {}", if dry_run { "would be deleted" } else { "deleted" }))
+        })
+    }
+}
+
+/// Restore drills of backup `id` (or the newest) of `kinds`.
+pub fn verify_job(
+    cfg: crate::config::Config,
+    kinds: Vec<Kind>,
+    id: String,
+    alerts: Option<crate::notify::Alerts>,
+) -> impl FnOnce(super::jobs::JobCtx) -> super::jobs::JobFuture {
+    move |ctx| {
+        Box::pin(async move {
+            let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let progress = move |l: String| {
+                let _ = tx.send(l);
+            };
+            let work = async {
+                let mut done = Vec::new();
+                let mut found = 0;
+                for k in &kinds {
+                    let m = match crate::backup::verify::find(&cfg, &s3, *k, &id).await {
+                        Ok(m) => m,
+                        // An id names one backup: the other kind not having it is fine.
+                        Err(crate::backup::verify::VerifyError::NoSuchBackup { .. })
+                            if id != "latest" || kinds.len() > 1 =>
+                        {
+                            continue;
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    found += 1;
+                    let key = format!("verify:{}", k.as_str());
+                    match crate::backup::verify::verify(&cfg, &s3, &m, &progress).await {
+                        Ok(r) => {
+                            progress(format!("{} {}: verified ({})", k.as_str(), m.id, r.checks.join("; ")));
+                            if let Some(a) = &alerts {
+                                a.resolve(&key, &format!("The {} backup {} verified.", k.as_str(), m.id));
+                            }
+                            done.push(format!("{} {} verified", k.as_str(), m.id));
+                        }
+                        Err(e) => {
+                            if let Some(a) = &alerts {
+                                a.open(&key, crate::backup::alerts::drill_failed(*k, &m.id, &e.to_string()));
+                            }
+                            return Err(format!("{} {} FAILED verification: {e}", k.as_str(), m.id));
+                        }
+                    }
+                }
+                if found == 0 {
+                    return Err(format!("no backup {id} (see `caretaker backup list`)"));
+                }
+                Ok(done.join(", "))
+            };
+            pump(&ctx, &mut rx, work).await
+        })
+    }
+}
+
+/// Backs up `kinds` in turn; alerts on failure, resolves on success.
+pub fn backup_job(
+    cfg: crate::config::Config,
+    kinds: Vec<Kind>,
+    alerts: Option<crate::notify::Alerts>,
+) -> impl FnOnce(super::jobs::JobCtx) -> super::jobs::JobFuture {
+    move |ctx| {
+        Box::pin(async move {
+            let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+            let instance = crate::backup::run::instance_id();
+            let mut done = Vec::new();
+            for k in kinds {
+                ctx.phase(&format!("{}: starting", k.as_str())).await;
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let work = crate::backup::run::backup(&cfg, &s3, k, &instance, move |line| {
+                    let _ = tx.send(line);
+                });
+                tokio::pin!(work);
+                let manifest = loop {
+                    tokio::select! {
+                        r = &mut work => match r {
+                            Ok(m) => {
+                                if let Some(a) = &alerts {
+                                    a.resolve(&crate::backup::alerts::backup_key(k), &format!("The {} backup {} succeeded.", k.as_str(), m.id));
+                                }
+                                break m;
+                            }
+                            Err(e) => {
+                                if let Some(a) = &alerts {
+                                    a.open(&crate::backup::alerts::backup_key(k), crate::backup::alerts::backup_failed(k, &e.to_string()));
+                                }
+                                return Err(format!("{} backup failed: {e}", k.as_str()));
+                            }
+                        },
+                        Some(line) = rx.recv() => ctx.progress(&line, 0, 0).await,
+                        _ = ctx.cancel.cancelled() => return Err("cancelled: the daemon is stopping; the upload was aborted".into()),
+                    }
+                };
+                while let Ok(line) = rx.try_recv() {
+                    ctx.phase(&line).await;
+                }
+                done.push(format!(
+                    "{} {} ({} stored)",
+                    k.as_str(),
+                    manifest.id,
+                    crate::control::client::human_bytes(manifest.stored_bytes)
+                ));
+            }
+            Ok(format!("backed up: {}", done.join(", ")))
+        })
+    }
+}
 /// The object served at `/io/shtetl/Caretaker1`.
 pub struct Control {
     status: Arc<Mutex<DaemonStatus>>,
@@ -172,46 +324,7 @@ impl Control {
         let description = format!("backup {kind}");
         let info = self
             .jobs
-            .start("backup", &description, move |ctx| {
-                Box::pin(async move {
-                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
-                    let instance = crate::backup::run::instance_id();
-                    let mut done = Vec::new();
-                    for k in kinds {
-                        ctx.phase(&format!("{}: starting", k.as_str())).await;
-                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-                        let work = crate::backup::run::backup(&cfg, &s3, k, &instance, move |line| {
-                            let _ = tx.send(line);
-                        });
-                        tokio::pin!(work);
-                        let manifest = loop {
-                            tokio::select! {
-                                r = &mut work => match r {
-                                    Ok(m) => {
-                                        if let Some(a) = &alerts {
-                                            a.resolve(&crate::backup::alerts::backup_key(k), &format!("The {} backup {} succeeded.", k.as_str(), m.id));
-                                        }
-                                        break m;
-                                    }
-                                    Err(e) => {
-                                        if let Some(a) = &alerts {
-                                            a.open(&crate::backup::alerts::backup_key(k), crate::backup::alerts::backup_failed(k, &e.to_string()));
-                                        }
-                                        return Err(format!("{} backup failed: {e}", k.as_str()));
-                                    }
-                                },
-                                Some(line) = rx.recv() => ctx.progress(&line, 0, 0).await,
-                                _ = ctx.cancel.cancelled() => return Err("cancelled: the daemon is stopping; the upload was aborted".into()),
-                            }
-                        };
-                        while let Ok(line) = rx.try_recv() {
-                            ctx.phase(&line).await;
-                        }
-                        done.push(format!("{} {} ({} stored)", k.as_str(), manifest.id, crate::control::client::human_bytes(manifest.stored_bytes)));
-                    }
-                    Ok(format!("backed up: {}", done.join(", ")))
-                })
-            })
+            .start("backup", &description, backup_job(cfg, kinds, alerts))
             .map_err(|b| ControlError::Busy(b.to_string()))?;
         Ok(info.id)
     }
@@ -234,53 +347,7 @@ impl Control {
         let description = format!("verify {kind} {id}");
         let info = self
             .jobs
-            .start("verify", &description, move |ctx| {
-                Box::pin(async move {
-                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
-                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-                    let progress = move |l: String| {
-                        let _ = tx.send(l);
-                    };
-                    let work = async {
-                        let mut done = Vec::new();
-                        let mut found = 0;
-                        for k in &kinds {
-                            let m = match crate::backup::verify::find(&cfg, &s3, *k, &id).await {
-                                Ok(m) => m,
-                                // An id names one backup: the other kind not having it is fine.
-                                Err(crate::backup::verify::VerifyError::NoSuchBackup { .. })
-                                    if id != "latest" || kinds.len() > 1 =>
-                                {
-                                    continue;
-                                }
-                                Err(e) => return Err(e.to_string()),
-                            };
-                            found += 1;
-                            let key = format!("verify:{}", k.as_str());
-                            match crate::backup::verify::verify(&cfg, &s3, &m, &progress).await {
-                                Ok(r) => {
-                                    progress(format!("{} {}: verified ({})", k.as_str(), m.id, r.checks.join("; ")));
-                                    if let Some(a) = &alerts {
-                                        a.resolve(&key, &format!("The {} backup {} verified.", k.as_str(), m.id));
-                                    }
-                                    done.push(format!("{} {} verified", k.as_str(), m.id));
-                                }
-                                Err(e) => {
-                                    if let Some(a) = &alerts {
-                                        a.open(&key, crate::backup::alerts::drill_failed(*k, &m.id, &e.to_string()));
-                                    }
-                                    return Err(format!("{} {} FAILED verification: {e}", k.as_str(), m.id));
-                                }
-                            }
-                        }
-                        if found == 0 {
-                            return Err(format!("no backup {id} (see `caretaker backup list`)"));
-                        }
-                        Ok(done.join(", "))
-                    };
-                    pump(&ctx, &mut rx, work).await
-                })
-            })
+            .start("verify", &description, verify_job(cfg, kinds, id, alerts))
             .map_err(|b| ControlError::Busy(b.to_string()))?;
         Ok(info.id)
     }
@@ -375,39 +442,7 @@ impl Control {
         let description = if dry_run { "prune (dry run)" } else { "prune" };
         let info = self
             .jobs
-            .start("prune", description, move |ctx| {
-                Box::pin(async move {
-                    let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
-                    let reports = match crate::backup::run::prune(&cfg, &s3, dry_run).await {
-                        Ok(r) => {
-                            if let Some(a) = &alerts {
-                                a.resolve("prune", "Retention was applied.");
-                            }
-                            r
-                        }
-                        Err(e) => {
-                            if let Some(a) = &alerts {
-                                a.open("prune", crate::backup::alerts::prune_failed(&e.to_string()));
-                            }
-                            return Err(e.to_string());
-                        }
-                    };
-                    let mut gone = 0;
-                    let mut kept = 0;
-                    for r in &reports {
-                        for d in &r.decisions {
-                            let verb = match (d.keep, dry_run) {
-                                (true, _) => "keep",
-                                (false, true) => "would delete",
-                                (false, false) => "deleted",
-                            };
-                            ctx.phase(&format!("{} {} {verb} {}", r.kind.as_str(), d.id, d.reasons.join(", "))).await;
-                            if d.keep { kept += 1 } else { gone += 1 }
-                        }
-                    }
-                    Ok(format!("{kept} kept, {gone} {}", if dry_run { "would be deleted" } else { "deleted" }))
-                })
-            })
+            .start("prune", description, prune_job(cfg, dry_run, alerts))
             .map_err(|b| ControlError::Busy(b.to_string()))?;
         Ok(info.id)
     }
