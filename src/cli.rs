@@ -94,6 +94,29 @@ the daemon is unreachable.")]
     #[command(subcommand)]
     Restore(RestoreCommand),
 
+    /// Copy an external PostgreSQL into a new local database, prove it equal, optionally swap it in.
+    #[command(long_about = "Ask the daemon to migrate (a job) from an external PostgreSQL. The connection string \
+(postgres://USER:PASSWORD@HOST:PORT/DB) comes from an SSM SecureString (--source-ssm-param NAME, read with the \
+instance role) or a file owned by root with mode 0600 (--source-url-file PATH) — never from the command line, \
+where it would land in SSM command history. The source is dumped in one snapshot (pg_dump --snapshot) straight \
+into pg_restore, into a new database DB_migrate_TIMESTAMP; then the copy is compared with the source as it is \
+now: per-table row counts, per-table checksums ordered by primary key, and for PostGIS geometry columns the \
+non-null and valid geometries. The report (table  source  target  [OK]|MISMATCH) is printed and written as JSON \
+under /var/lib/caretaker. Any mismatch (e.g. the source was written to after the dump: stop writes first) exits \
+1 and swaps nothing. With --swap the copy replaces the live database as a restore does (API stopped, one \
+transaction, health gate, swap back on failure).")]
+    Migrate {
+        /// The SSM parameter holding the source connection string (SecureString).
+        #[arg(long, value_name = "NAME", group = "source")]
+        source_ssm_param: Option<String>,
+        /// A root-only file holding the source connection string.
+        #[arg(long, value_name = "PATH", group = "source")]
+        source_url_file: Option<std::path::PathBuf>,
+        /// Swap the verified copy in as the live database.
+        #[arg(long)]
+        swap: bool,
+    },
+
     /// Check everything the box depends on: one line per check, ✓ or ✗ and what to do.
     #[command(long_about = "Check the box and print one line per check: ✓, ✗ with what to do, or - when it is \
 not configured. Checked: the configuration; IMDSv2, the instance identity and the region; the SSM path (parameter \

@@ -26,6 +26,8 @@ pub mod fsutil;
 pub mod http;
 /// tracing to journald or stderr.
 pub mod logging;
+/// Migration from an external PostgreSQL: copy, prove equal, then swap.
+pub mod migrate;
 /// Incidents and alert emails.
 pub mod notify;
 /// PostgreSQL access as the database's OS user (peer authentication).

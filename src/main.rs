@@ -61,6 +61,23 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Restore(RestoreCommand::ListKept { json }) => restore_list_kept(&sources, json).await,
         Command::Restore(RestoreCommand::DropKept { name }) => restore_drop_kept(&sources, &name).await,
+        Command::Migrate { source_ssm_param, source_url_file, swap } => {
+            let bus = cli_bus(&cli.bus_address, &sources);
+            let param = source_ssm_param.unwrap_or_default();
+            let file = match source_url_file.map(|p| std::path::absolute(&p)) {
+                Some(Ok(p)) => p.display().to_string(),
+                Some(Err(e)) => {
+                    eprintln!("error: --source-url-file: {e}");
+                    return exit::USAGE;
+                }
+                None => String::new(),
+            };
+            if param.is_empty() == file.is_empty() {
+                eprintln!("error: give exactly one of --source-ssm-param NAME and --source-url-file PATH");
+                return exit::USAGE;
+            }
+            follow_job(&bus, "Migrate", move |p| async move { p.migrate(&param, &file, swap).await }).await
+        }
         Command::Update(args) => update(&cli_bus(&cli.bus_address, &sources), args).await,
         Command::Doctor { json } => doctor(&sources, cli.bus_address.clone(), json).await,
     }

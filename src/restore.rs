@@ -81,7 +81,6 @@ pub struct PgRestored {
     pub kept: Option<String>,
     pub tables: usize,
     pub rows: i64,
-    pub api_restarted: bool,
 }
 
 async fn api_was_active(systemd: &Systemd, unit: &str) -> bool {
@@ -150,34 +149,20 @@ async fn swap(cfg: &Config, live: &str, new: &str, aside: &str) -> Result<bool, 
     Err(RestoreError::Pg(format!("cannot rename the databases (sessions keep coming back?): {last}")))
 }
 
-/// Restores PostgreSQL backup `backup` (`latest` or an id) as database `target` (default
-/// `backup.database`). See the module docs for the order of things.
-pub async fn restore_postgres(
+/// Swaps the verified database `new` in as `live`: the API (when running) is stopped, `live`
+/// becomes `LIVE_pre_restore_TS` (kept; none when there was no live database) and `new` becomes
+/// `live` in one transaction; the API is started and health-gated, and a failed gate swaps back.
+/// On an error before the rename, `new` is dropped and the API started again.
+pub async fn swap_in(
     cfg: &Config,
-    s3: &S3,
     systemd: &Systemd,
-    backup: &str,
-    target: Option<&str>,
+    live: &str,
+    new: &str,
+    ts: &str,
     progress: &(dyn Fn(String) + Send + Sync),
-) -> Result<PgRestored, RestoreError> {
-    let live = target.unwrap_or(&cfg.backup.database).to_string();
-    let m = verify::find(cfg, s3, Kind::Postgres, backup).await?;
-    let ts = stamp(SystemTime::now());
-    let new = format!("{live}_restore_{ts}");
+) -> Result<Option<String>, RestoreError> {
+    let (live, new) = (live.to_string(), new.to_string());
     let aside = format!("{live}_pre_restore_{ts}");
-    progress(format!(
-        "restore: backup {} of {} ({} rows in {} tables) into the new database {new}",
-        m.id,
-        m.started_at,
-        run::row_counts(&m).values().sum::<i64>(),
-        run::row_counts(&m).len()
-    ));
-    let loaded = verify::load_postgres(cfg, s3, &m, &new, progress).await?;
-    progress(format!(
-        "verify: {new} matches the backup: both hashes, {} tables with their row counts",
-        loaded.tables.len()
-    ));
-
     // The point of no return is the rename; everything before it left the live data alone.
     let api = cfg.services.api.unit.to_string();
     let _hold = maintenance::hold(&api, "restore in progress");
@@ -206,7 +191,7 @@ pub async fn restore_postgres(
             .batch_execute(&format!(
                 "COMMENT ON DATABASE {} IS {}",
                 quote_ident(&aside),
-                quote_literal(&format!("kept by caretaker restore of backup {} at {ts}", m.id))
+                quote_literal(&format!("kept by caretaker: replaced by {new} at {ts}"))
             ))
             .await;
     }
@@ -236,14 +221,44 @@ pub async fn restore_postgres(
             )));
         }
     }
-    info!("restored backup {} as {live}; the previous database is kept as {aside}", m.id);
+    Ok(had_live.then_some(aside))
+}
+
+/// Restores PostgreSQL backup `backup` (`latest` or an id) as database `target` (default
+/// `backup.database`). See the module docs for the order of things.
+pub async fn restore_postgres(
+    cfg: &Config,
+    s3: &S3,
+    systemd: &Systemd,
+    backup: &str,
+    target: Option<&str>,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<PgRestored, RestoreError> {
+    let live = target.unwrap_or(&cfg.backup.database).to_string();
+    let m = verify::find(cfg, s3, Kind::Postgres, backup).await?;
+    let ts = stamp(SystemTime::now());
+    let new = format!("{live}_restore_{ts}");
+    progress(format!(
+        "restore: backup {} of {} ({} rows in {} tables) into the new database {new}",
+        m.id,
+        m.started_at,
+        run::row_counts(&m).values().sum::<i64>(),
+        run::row_counts(&m).len()
+    ));
+    let loaded = verify::load_postgres(cfg, s3, &m, &new, progress).await?;
+    progress(format!(
+        "verify: {new} matches the backup: both hashes, {} tables with their row counts",
+        loaded.tables.len()
+    ));
+
+    let kept = swap_in(cfg, systemd, &live, &new, &ts, progress).await?;
+    info!("restored backup {} as {live}; the previous database: {kept:?}", m.id);
     Ok(PgRestored {
         backup: m.id.clone(),
         database: live,
-        kept: had_live.then_some(aside),
+        kept,
         tables: loaded.tables.len(),
         rows: loaded.tables.values().map(|(e, _)| e).sum(),
-        api_restarted: api_active,
     })
 }
 
@@ -267,7 +282,11 @@ pub async fn list_kept(cfg: &Config) -> Result<Vec<Kept>, RestoreError> {
     Ok(rows
         .into_iter()
         .map(|r| Kept { name: r.get(0), bytes: r.get(1), comment: r.get(2) })
-        .filter(|k| is_kept_name(&cfg.backup.database, &k.name) || k.name.contains("_failed_restore_"))
+        .filter(|k| {
+            is_kept_name(&cfg.backup.database, &k.name)
+                || k.name.contains("_failed_restore_")
+                || k.name.starts_with(&format!("{}_migrate_", cfg.backup.database))
+        })
         .collect())
 }
 

@@ -186,3 +186,145 @@ async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_r
     let keys = s3.list_keys("backups", "caretaker/").await.unwrap();
     assert_eq!(keys.iter().filter(|k| k.ends_with("data.zst.age")).count(), 5, "data of pruned backups deleted too");
 }
+
+/// An HTTP/1.1 proxy in front of moto that answers `500` instead of forwarding UploadPart
+/// requests for `part`, `failures` times (`usize::MAX`: always). Requests on one connection are
+/// sequential (no pipelining), so each is read whole (headers + Content-Length body) and either
+/// forwarded or answered; responses stream back as they come.
+struct FaultProxy {
+    port: u16,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn fault_proxy(upstream: u16, part: u32, failures: usize) -> FaultProxy {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = failed.clone();
+    let needle = format!("partNumber={part}&");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else { return };
+            let (count, needle) = (count.clone(), needle.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (inject_tx, mut inject_rx) = tokio::sync::mpsc::channel::<()>(1);
+                let down = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        tokio::select! {
+                            n = sr.read(&mut buf) => match n {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => if cw.write_all(&buf[..n]).await.is_err() { return },
+                            },
+                            Some(()) = inject_rx.recv() => {
+                                let _ = cw.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\nContent-Length: 80\r\nConnection: close\r\n\r\n<Error><Code>InternalError</Code><Message>injected by the test</Message></Error>").await;
+                                let _ = cw.shutdown().await;
+                                return;
+                            }
+                        }
+                    }
+                });
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    // One request: its head, then Content-Length bytes of body.
+                    let head_end = loop {
+                        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&pending[..head_end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while pending.len() < head_end + len {
+                        match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let request: Vec<u8> = pending.drain(..head_end + len).collect();
+                    let first = head.lines().next().unwrap_or_default().to_string();
+                    if first.starts_with("PUT ")
+                        && (first.contains(&needle) || first.contains(&format!("partNumber={part} ")))
+                        && count.fetch_add(1, Ordering::SeqCst) < failures
+                    {
+                        let _ = inject_tx.send(()).await;
+                        let _ = down.await;
+                        return;
+                    }
+                    if sw.write_all(&request).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    FaultProxy { port, failed, task }
+}
+
+fn moto_port(moto: &Moto) -> u16 {
+    moto.endpoint().rsplit(':').next().unwrap().trim_end_matches('/').parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_that_keeps_failing_aborts_the_upload_and_a_transient_failure_is_retried() {
+    let moto = Moto::start().unwrap();
+    let direct = bucket(&moto, "backups").await;
+    let recipients = || Encryption::Recipients(vec![age::x25519::Identity::generate().to_public()]);
+
+    // Part 2 fails twice, then goes through: the upload completes.
+    let proxy = fault_proxy(moto_port(&moto), 2, 2).await;
+    let s3 = s3_at(&format!("http://127.0.0.1:{}", proxy.port)).await;
+    let mut child = producer("head -c 14000000 /dev/urandom");
+    let out = child.stdout.take().unwrap();
+    let pending = upload(&s3, "backups", "caretaker/redis/ok/data.zst.age", out, cfg(recipients()), |_, _| {}).await;
+    assert!(child.wait().await.unwrap().success());
+    let pending = pending.expect("a transient part failure is retried");
+    assert!(proxy.failed.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the fault was injected");
+    assert!(pending.parts() >= 3);
+    pending.complete().await.unwrap();
+    drop(proxy);
+
+    // Part 2 always fails: the stream fails, the multipart upload is aborted, no object exists.
+    let proxy = fault_proxy(moto_port(&moto), 2, usize::MAX).await;
+    let s3 = s3_at(&format!("http://127.0.0.1:{}", proxy.port)).await;
+    let mut child = producer("head -c 14000000 /dev/urandom");
+    let out = child.stdout.take().unwrap();
+    let err = upload(&s3, "backups", "caretaker/redis/bad/data.zst.age", out, cfg(recipients()), |_, _| {})
+        .await
+        .err()
+        .expect("a part that never uploads fails the stream");
+    let _ = child.wait().await;
+    let msg = err.to_string();
+    assert!(msg.contains("UploadPart") || msg.contains("part"), "{msg}");
+    assert!(direct.get_object("backups", "caretaker/redis/bad/data.zst.age").await.unwrap().is_none());
+    assert!(
+        direct.list_multipart_uploads("backups", "caretaker/redis/bad/").await.unwrap().is_empty(),
+        "the failed upload was aborted"
+    );
+    assert!(
+        direct.get_object("backups", "caretaker/redis/ok/data.zst.age").await.unwrap().is_some(),
+        "earlier data intact"
+    );
+}

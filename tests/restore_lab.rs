@@ -160,3 +160,29 @@ fn a_redis_restore_brings_back_the_keys_of_the_backup_and_keeps_the_old_rdb() {
     let kept = b.sh_ok("ls /var/lib/redis");
     assert!(kept.contains("dump.rdb.pre-restore-"), "{kept}");
 }
+
+#[test]
+fn the_restore_document_runs_a_redis_restore_and_rejects_bad_parameters() {
+    let doc = caretaker_testkit::ssmdoc::Document::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/ssm/caretaker-restore.json"),
+    )
+    .unwrap();
+    for bad in [
+        vec![("Kind", "mysql")],
+        vec![("Kind", "postgres"), ("Backup", "latest; rm -rf /")],
+        vec![("Kind", "postgres"), ("TargetDb", "zmanim'; drop")],
+        vec![("Kind", "postgres"), ("Backup", "$(id)")],
+    ] {
+        assert!(doc.render(&bad).is_err(), "{bad:?} must be rejected");
+    }
+    let (b, _moto) = rig("rs-doc", 10);
+    let out = b.sh("caretaker backup now --kind redis");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    b.sh_ok("redis-cli set z 26 >/dev/null");
+    let script = doc.render(&[("Kind", "redis")]).unwrap();
+    let out = caretaker_testkit::ssmdoc::run_script(b.command(&[] as &[&str]), &script).unwrap();
+    let text = caretaker_testkit::ssmdoc::ssm_output(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.trim_end().lines().last().unwrap().starts_with("caretaker-restore: OK (redis latest)"), "{text}");
+    assert_eq!(b.sh_ok("redis-cli exists z").trim(), "0", "the backup's keys, not the later ones");
+}

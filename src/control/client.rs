@@ -27,6 +27,7 @@ pub trait Caretaker1 {
     fn job_status(&self, id: &str) -> zbus::Result<String>;
     fn backup_now(&self, kind: &str) -> zbus::Result<String>;
     fn prune(&self, dry_run: bool) -> zbus::Result<String>;
+    fn migrate(&self, ssm_param: &str, url_file: &str, swap: bool) -> zbus::Result<String>;
     fn restore(&self, what: &str, backup: &str, target_db: &str) -> zbus::Result<String>;
     fn verify(&self, kind: &str, id: &str) -> zbus::Result<String>;
     fn update(&self, version: &str, dry_run: bool) -> zbus::Result<String>;
@@ -131,7 +132,9 @@ impl Client {
         let mut poll = tokio::time::interval(Duration::from_secs(2));
         poll.tick().await;
         loop {
+            // Biased: progress queued before the JobFinished signal is printed before it.
             tokio::select! {
+                biased;
                 Some(sig) = progress.next() => {
                     if let Ok(a) = sig.args() && a.id == id {
                         let amount = if a.total > 0 {

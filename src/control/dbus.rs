@@ -431,6 +431,69 @@ impl Control {
         Ok(info.id)
     }
 
+    /// Starts a migration (a job) from the PostgreSQL named by the SSM parameter `ssm_param` or the
+    /// root-only file `url_file` (exactly one non-empty); with `swap` the verified copy replaces
+    /// the live database. The connection string itself never crosses the bus.
+    async fn migrate(&self, ssm_param: &str, url_file: &str, swap: bool) -> Result<String, ControlError> {
+        let source = match (ssm_param.is_empty(), url_file.is_empty()) {
+            (false, true) => {
+                if !ssm_param.starts_with('/')
+                    || !ssm_param.bytes().all(|c| c.is_ascii_alphanumeric() || b"/_.-".contains(&c))
+                {
+                    return Err(ControlError::InvalidArgs(format!("`{ssm_param}` is not an SSM parameter name")));
+                }
+                crate::migrate::Source::SsmParameter(ssm_param.to_string())
+            }
+            (true, false) => crate::migrate::Source::File(url_file.into()),
+            _ => {
+                return Err(ControlError::InvalidArgs(
+                    "give exactly one of --source-ssm-param and --source-url-file".into(),
+                ));
+            }
+        };
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let conn = self
+            .jobs
+            .connection()
+            .ok_or_else(|| ControlError::ShuttingDown("the daemon is still starting; try again".into()))?;
+        let description = format!("migrate{}", if swap { " and swap" } else { "" });
+        let info = self
+            .jobs
+            .start("migrate", &description, move |ctx| {
+                Box::pin(async move {
+                    let systemd = crate::systemd::manager::Systemd::new(&conn).await.map_err(|e| e.to_string())?;
+                    let report_path = std::path::Path::new(crate::boot::firstboot::STATE_DIR)
+                        .join(format!("migrate-{}.json", crate::restore::stamp(std::time::SystemTime::now())));
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                    let progress = move |l: String| {
+                        let _ = tx.send(l);
+                    };
+                    let work = async {
+                        let r = crate::migrate::migrate(&cfg, &source, swap.then_some(&systemd), &report_path, &progress)
+                            .await
+                            .map_err(|e| format!("migration failed, the live database is unchanged: {e}"))?;
+                        let checks = r.checks.len();
+                        Ok(match r.kept {
+                            Some(k) => format!(
+                                "migrated: {checks} checks [OK]; swapped in as {}, the previous database is kept as {k}; report {}",
+                                r.database,
+                                report_path.display()
+                            ),
+                            None if swap => format!("migrated: {checks} checks [OK]; swapped in as {}", r.database),
+                            None => format!(
+                                "migrated: {checks} checks [OK]; the copy is {} (not swapped: run again with --swap); report {}",
+                                r.database,
+                                report_path.display()
+                            ),
+                        })
+                    };
+                    pump(&ctx, &mut rx, work).await
+                })
+            })
+            .map_err(|b| ControlError::Busy(b.to_string()))?;
+        Ok(info.id)
+    }
+
     /// Applies retention (keep-daily, keep-weekly; never the newest or the newest verified backup):
     /// deletes what is not kept, or with `dry_run` only says what would go. Returns the job id.
     async fn prune(&self, dry_run: bool) -> Result<String, ControlError> {

@@ -151,7 +151,16 @@ fn every_document_is_schema_2_2_with_checked_parameters_and_a_timeout() {
                     let v = match (&p.allowed_values, &p.default) {
                         (Some(vals), _) => vals[0].clone(),
                         (None, Some(serde_json::Value::String(d))) => d.clone(),
-                        _ => "v1".to_string(),
+                        // A required value: the first sample its pattern accepts.
+                        _ => ["v1", "/zmanim/prod/name", "latest", "a"]
+                            .into_iter()
+                            .find(|v| {
+                                p.allowed_pattern
+                                    .as_deref()
+                                    .is_none_or(|pat| regex::Regex::new(pat).is_ok_and(|r| r.is_match(v)))
+                            })
+                            .unwrap_or("v1")
+                            .to_string(),
                     };
                     (k.clone(), v)
                 })
