@@ -148,13 +148,13 @@ async fn load_into(
         crate::control::client::human_bytes(m.stored_bytes)
     ));
     let total = m.plain_bytes;
-    let last = std::sync::Mutex::new(Instant::now());
+    let last = std::sync::Mutex::new((Instant::now(), 0u64));
     let fetched = fetch::fetch_into(s3, &bucket, &key, decryption, stdin, |_, plain| {
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() < Duration::from_secs(2) && plain < total {
+        if (last.0.elapsed() < Duration::from_secs(2) && plain < total) || plain == last.1 {
             return;
         }
-        *last = Instant::now();
+        *last = (Instant::now(), plain);
         progress(format!(
             "postgres: restored {} of {}",
             crate::control::client::human_bytes(plain),
