@@ -206,3 +206,75 @@ fn a_missed_scheduled_backup_runs_soon_after_start_then_retention_and_status_sho
     let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
     assert_eq!(list.matches("manifest.json").count(), 2, "no second catch-up: {list}");
 }
+
+#[test]
+fn pg_dump_killed_mid_stream_publishes_nothing_aborts_the_upload_and_sends_one_email() {
+    let (b, moto) = drill_rig("bk-kill");
+    // SES on a moto of its own: moto cannot list sent emails while it holds multipart parts.
+    let ses = Moto::start_in_netns(b.pid1()).expect("moto for SES");
+    let ses_auth = (
+        "Authorization",
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ses/aws4_request, SignedHeaders=host, Signature=0",
+    );
+    let r = ses
+        .request(
+            "POST",
+            "/",
+            &[("Content-Type", "application/x-www-form-urlencoded"), ses_auth],
+            b"Action=VerifyEmailIdentity&EmailAddress=caretaker%40example.com&Version=2010-12-01",
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let notify = format!(
+        "[aws]\nses-endpoint = \"{}\"\n[notify]\nsender = \"caretaker@example.com\"\nrecipients = [\"ops@example.com\"]\n",
+        ses.endpoint()
+    );
+    b.write_file("/etc/caretaker/caretaker.d/60-notify.toml", notify.as_bytes(), 0o644).unwrap();
+    // Enough data that pg_dump runs for a while (incompressible text: the stream keeps uploading).
+    b.sh_ok(
+        "runuser -u postgres -- psql -d zmanim -qc \"create table blobs(id int primary key, body text); \
+         insert into blobs select g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text) from generate_series(1, 1500000) g\" && \
+         systemctl restart caretaker",
+    );
+    b.sh_ok("systemd-run --unit=bk-kill-cli --collect -p StandardOutput=file:/run/bk.out caretaker backup now --kind postgres");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !b.sh("pgrep -x pg_dump").status.success() {
+        assert!(std::time::Instant::now() < end, "pg_dump never ran: {}", b.journal("caretaker.service"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    b.sh_ok("pkill -KILL -x pg_dump");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while b.sh_ok("systemctl is-active bk-kill-cli.service || true").trim() == "active" {
+        assert!(std::time::Instant::now() < end, "the backup never ended");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = b.sh_ok("cat /run/bk.out");
+    assert!(out.contains("FAILED") && out.contains("pg_dump"), "{out}");
+    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
+    assert!(!list.contains("manifest.json"), "nothing was published: {list}");
+    let uploads = moto.request("GET", "/backups?uploads", &[s3_auth()], b"").unwrap().text();
+    assert!(!uploads.contains("<UploadId>"), "the multipart upload was aborted: {uploads}");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let subjects = loop {
+        let subjects: Vec<String> = ses.sent_emails().unwrap().into_iter().map(|e| e.subject).collect();
+        if !subjects.is_empty() || std::time::Instant::now() > end {
+            break subjects;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    assert_eq!(subjects.iter().filter(|s| s.contains("postgres backup failed")).count(), 1, "{subjects:?}");
+
+    // The next backup succeeds and resolves the incident (one recovery email).
+    let out = b.sh("caretaker backup now --kind postgres");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let subjects: Vec<String> = ses.sent_emails().unwrap().into_iter().map(|e| e.subject).collect();
+        if subjects.iter().any(|s| s.to_lowercase().contains("resolved")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "no recovery email: {subjects:?}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}

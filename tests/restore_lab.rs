@@ -186,3 +186,28 @@ fn the_restore_document_runs_a_redis_restore_and_rejects_bad_parameters() {
     assert!(text.trim_end().lines().last().unwrap().starts_with("caretaker-restore: OK (redis latest)"), "{text}");
     assert_eq!(b.sh_ok("redis-cli exists z").trim(), "0", "the backup's keys, not the later ones");
 }
+
+#[test]
+fn a_failed_redis_restore_puts_the_old_data_back() {
+    let (b, moto) = rig("rs-redis-bad", 10);
+    let out = b.sh("caretaker backup now --kind redis");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    b.sh_ok("redis-cli flushall >/dev/null && redis-cli set live 1 >/dev/null && redis-cli set keep 2 >/dev/null && redis-cli set me 3 >/dev/null");
+    // The manifest now disagrees with what Redis will hold after loading the backup (2 keys).
+    let list =
+        b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind redis");
+    let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    let mut m = manifests[0].clone();
+    let id = m["id"].as_str().unwrap().to_string();
+    m["details"]["dbsize"] = serde_json::json!(999);
+    let key = format!("/backups/caretaker/redis/{}/{}/{}/{id}/manifest.json", &id[0..4], &id[4..6], &id[6..8]);
+    assert_eq!(moto.request("PUT", &key, &[s3_auth()], m.to_string().as_bytes()).unwrap().status, 200);
+
+    let out = b.sh("caretaker restore redis");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("999") && stdout.contains("previous data is back"), "{stdout}");
+    assert_eq!(b.sh_ok("redis-cli dbsize").trim(), "3", "the live keys are back");
+    assert_eq!(b.sh_ok("redis-cli exists live").trim(), "1");
+    assert_eq!(b.sh_ok("systemctl is-active redis-server.service").trim(), "active");
+}
