@@ -20,7 +20,6 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
@@ -176,8 +175,7 @@ impl SourceConn {
     }
 
     /// pg_dump's connection arguments and environment (the password only in the environment).
-    fn pg_dump(&self, snapshot: &str) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("pg_dump");
+    fn pg_dump(&self, mut cmd: tokio::process::Command, snapshot: &str) -> tokio::process::Command {
         if let Some(tokio_postgres::config::Host::Tcp(h)) = self.config.get_hosts().first() {
             cmd.arg(format!("--host={h}"));
         }
@@ -356,19 +354,9 @@ pub async fn migrate(
 
 async fn copy(src: &SourceConn, snapshot: &str, cfg: &Config, new: &str) -> Result<(), MigrateError> {
     let target = pg_target(cfg);
-    let user = nix::unistd::User::from_name(&target.user)
-        .ok()
-        .flatten()
-        .ok_or_else(|| MigrateError::Local(format!("no OS user {}", target.user)))?;
+    let local = |e: crate::pg::PgError| MigrateError::Local(e.to_string());
     let mut dump = src
-        .pg_dump(snapshot)
-        .uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .pg_dump(target.tool("pg_dump").map_err(local)?, snapshot)
         .spawn()
         .map_err(|e| MigrateError::Local(format!("cannot run pg_dump: {e}")))?;
     let dump_out: Stdio = dump
@@ -377,36 +365,19 @@ async fn copy(src: &SourceConn, snapshot: &str, cfg: &Config, new: &str) -> Resu
         .expect("piped")
         .try_into()
         .map_err(|e: std::io::Error| MigrateError::Local(e.to_string()))?;
-    let mut restore = tokio::process::Command::new("pg_restore")
-        .args([
-            format!("--host={}", target.socket_dir.display()),
-            format!("--port={}", target.port),
-            format!("--username={}", target.user),
-            format!("--dbname={new}"),
-            "--no-password".into(),
-            "--exit-on-error".into(),
-            "--no-owner".into(),
-            "--no-privileges".into(),
-        ])
-        .uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .current_dir("/")
+    let mut restore = target
+        .tool("pg_restore")
+        .map_err(local)?
+        .args(target.tool_args(new))
+        .args(["--exit-on-error", "--no-owner", "--no-privileges"])
         .stdin(dump_out)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|e| MigrateError::Local(format!("cannot run pg_restore: {e}")))?;
-    async fn stderr_of(s: Option<impl tokio::io::AsyncRead + Unpin>) -> String {
-        let mut buf = Vec::new();
-        if let Some(mut s) = s {
-            let _ = (&mut s).take(64 * 1024).read_to_end(&mut buf).await;
-        }
-        String::from_utf8_lossy(&buf).trim().to_string()
-    }
-    let (d_err, r_err) = (dump.stderr.take(), restore.stderr.take());
-    let (d_err, r_err) = tokio::join!(stderr_of(d_err), stderr_of(r_err));
+    let d_err = crate::pg::collect_stderr(dump.stderr.take());
+    let r_err = crate::pg::collect_stderr(restore.stderr.take());
     let (d, r) = tokio::join!(dump.wait(), restore.wait());
+    let (d_err, r_err) = (d_err.await.unwrap_or_default(), r_err.await.unwrap_or_default());
     let d = d.map_err(|e| MigrateError::Local(e.to_string()))?;
     let r = r.map_err(|e| MigrateError::Local(e.to_string()))?;
     if !d.success() {

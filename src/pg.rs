@@ -70,6 +70,47 @@ impl PgTarget {
     }
 }
 
+impl PgTarget {
+    /// `program` (pg_dump, pg_restore) run as the database's OS user, from `/`, killed when
+    /// dropped; stdout and stderr piped, stdin null (callers change what they need).
+    pub fn tool(&self, program: &str) -> Result<tokio::process::Command, PgError> {
+        let user = User::from_name(&self.user).ok().flatten().ok_or_else(|| PgError::NoUser(self.user.clone()))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.uid(user.uid.as_raw())
+            .gid(user.gid.as_raw())
+            .current_dir("/")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// libpq arguments for `dbname` on this server, over the unix socket, peer authentication.
+    pub fn tool_args(&self, dbname: &str) -> Vec<String> {
+        vec![
+            format!("--host={}", self.socket_dir.display()),
+            format!("--port={}", self.port),
+            format!("--username={}", self.user),
+            format!("--dbname={dbname}"),
+            "--no-password".into(),
+        ]
+    }
+}
+
+/// The first 64 KiB of a child's stderr, read in the background (so the child never blocks on a
+/// full pipe); empty when there is none.
+pub fn collect_stderr(stderr: Option<tokio::process::ChildStderr>) -> tokio::task::JoinHandle<String> {
+    use tokio::io::AsyncReadExt;
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        if let Some(mut s) = stderr {
+            let _ = (&mut s).take(64 * 1024).read_to_end(&mut buf).await;
+        }
+        String::from_utf8_lossy(&buf).trim().to_string()
+    })
+}
+
 /// Connects to a unix socket with the effective uid/gid of `user` (see the module comment).
 pub async fn connect_socket_as(socket: &Path, user: &str) -> Result<tokio::net::UnixStream, PgError> {
     let u = User::from_name(user).ok().flatten().ok_or_else(|| PgError::NoUser(user.into()))?;

@@ -2,11 +2,9 @@
 //! A backup exists only when its manifest exists (safety rule 3); anything else is aborted.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 
 use super::postgres::{Snapshot, pg_dump_args};
 use super::stream::{Encryption, StreamConfig, upload};
@@ -167,29 +165,15 @@ pub async fn backup(
             progress(format!("postgres: exporting a snapshot of {db} and counting rows"));
             let snapshot =
                 Snapshot::begin(&target, db).await.map_err(|e| BackupError::Setup(format!("postgres: {e}")))?;
-            let user = nix::unistd::User::from_name(&target.user)
-                .ok()
-                .flatten()
-                .ok_or_else(|| BackupError::Setup(format!("no OS user {}", target.user)))?;
-            let mut child = tokio::process::Command::new("pg_dump")
+            let mut child = target
+                .tool("pg_dump")
+                .map_err(|e| BackupError::Setup(e.to_string()))?
                 .args(pg_dump_args(&target, db, &snapshot.id))
-                .uid(user.uid.as_raw())
-                .gid(user.gid.as_raw())
-                .current_dir("/")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
             progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}"));
             let stdout = child.stdout.take().expect("piped");
-            let mut stderr = child.stderr.take().expect("piped");
-            let err_task = tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf).await;
-                String::from_utf8_lossy(&buf).trim().to_string()
-            });
+            let err_task = crate::pg::collect_stderr(child.stderr.take());
             let pending = upload(s3, &bucket, &data_key, stdout, stream_cfg.clone(), on_part).await;
             let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;
             let stderr = err_task.await.unwrap_or_default();

@@ -12,7 +12,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 
 use super::fetch::{self, Fetched};
 use super::run::{self, DATA, Kind, Manifest, VERIFY};
@@ -113,35 +112,16 @@ async fn load_into(
     let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Postgres, &m.id));
     let decryption = fetch::decryption(cfg)?;
     let target = crate::supervise::supervisor::pg_target(cfg);
-    let user = nix::unistd::User::from_name(&target.user)
-        .ok()
-        .flatten()
-        .ok_or_else(|| VerifyError::Pg(format!("no OS user {}", target.user)))?;
-    let mut child = tokio::process::Command::new("pg_restore")
-        .args([
-            format!("--host={}", target.socket_dir.display()),
-            format!("--port={}", target.port),
-            format!("--username={}", target.user),
-            format!("--dbname={database}"),
-            "--no-password".into(),
-            "--exit-on-error".into(),
-        ])
-        .uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .current_dir("/")
+    let mut child = target
+        .tool("pg_restore")?
+        .args(target.tool_args(database))
+        .arg("--exit-on-error")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|e| VerifyError::Pg(format!("cannot run pg_restore: {e}")))?;
     let stdin = child.stdin.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let err_task = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf).await;
-        String::from_utf8_lossy(&buf).trim().to_string()
-    });
+    let err_task = crate::pg::collect_stderr(child.stderr.take());
     progress(format!(
         "postgres: restoring backup {} ({} stored) into database {database}",
         m.id,
