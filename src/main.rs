@@ -353,6 +353,29 @@ async fn status(bus: &Option<String>, args: StatusArgs) -> u8 {
                         );
                     }
                 }
+                if let Some(sc) = &s.schedule {
+                    let last = |at: &Option<String>, ok: Option<bool>| match (at, ok) {
+                        (Some(at), Some(true)) => format!("last {at} ok"),
+                        (Some(at), Some(false)) => format!("last {at} FAILED"),
+                        (Some(at), None) => format!("last {at}"),
+                        (None, _) => "never".to_string(),
+                    };
+                    println!(
+                        "  backups:  {} — next {}, {}",
+                        sc.backup_schedule,
+                        sc.next_backup.as_deref().unwrap_or("-"),
+                        last(&sc.last_backup, sc.last_backup_ok)
+                    );
+                    println!(
+                        "  drills:   {} — next {}, {}",
+                        sc.verify_schedule,
+                        sc.next_verify.as_deref().unwrap_or("-"),
+                        last(&sc.last_verify, sc.last_verify_ok)
+                    );
+                }
+                if let Some(job) = &s.current_job {
+                    println!("  job:      {} ({}) since {}: {}", job.description, job.id, job.started_at, job.progress);
+                }
                 if s.incidents.is_empty() {
                     println!("  incidents: none");
                 } else {

@@ -155,6 +155,15 @@ fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
     assert_eq!(v["tables"]["public.zmanim"][1], 50 * 60, "{v:#}");
     let dbs = b.sh_ok("runuser -u postgres -- psql -Atc 'select datname from pg_database'");
     assert!(!dbs.contains("caretaker_verify"), "the scratch database is dropped: {dbs}");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s: serde_json::Value = serde_json::from_str(&b.sh_ok("caretaker status --json")).unwrap();
+        if s["daemon"]["schedule"]["last_verify_ok"] == true && s["daemon"]["schedule"]["last_verify"].is_string() {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "status shows the last drill: {:#}", s["daemon"]["schedule"]);
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 
     // One byte altered in the stored object: the drill fails during the stream, says so, records it.
     let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);

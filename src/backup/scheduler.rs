@@ -56,6 +56,24 @@ fn save_state(path: &Path, s: &State) {
     }
 }
 
+static STATE_LOCK: Mutex<()> = Mutex::new(());
+/// Wakes the schedule loop after a run was recorded (status then shows it at once).
+static RECORDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Records a backup or drill that ran (scheduled or asked for): status shows it, and a manual run
+/// counts as the last run for catching up. `what` is `backup` or `verify`.
+pub fn record(what: &str, at: SystemTime, ok: bool) {
+    let _guard = STATE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let path = state_path();
+    let mut s = load_state(&path).unwrap_or_default();
+    match what {
+        "backup" => (s.last_backup, s.last_backup_ok) = (Some(rfc(at)), Some(ok)),
+        _ => (s.last_verify, s.last_verify_ok) = (Some(rfc(at)), Some(ok)),
+    }
+    save_state(&path, &s);
+    RECORDED.notify_one();
+}
+
 fn rfc(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -143,6 +161,13 @@ pub async fn run(
     let delay_verify =
         random_delay(config.read().unwrap_or_else(|p| p.into_inner()).backup.random_delay.get(), "verify");
     loop {
+        // Jobs record their runs in the file too (`record`): it is the truth once it exists.
+        if let Some(s) = load_state(&path) {
+            state.last_backup = s.last_backup.or(state.last_backup);
+            state.last_backup_ok = s.last_backup_ok.or(state.last_backup_ok);
+            state.last_verify = s.last_verify.or(state.last_verify);
+            state.last_verify_ok = s.last_verify_ok.or(state.last_verify_ok);
+        }
         let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
         let now = SystemTime::now();
         let catch_up = started + cfg.backup.catch_up_delay.get();
@@ -175,6 +200,7 @@ pub async fn run(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+                _ = RECORDED.notified() => {}
             }
             continue;
         }
@@ -195,7 +221,6 @@ pub async fn run(
             let Some(ok) = ok else { return };
             state.last_backup = Some(rfc(at));
             state.last_backup_ok = Some(ok);
-            save_state(&path, &state);
             if ok {
                 let (c, a) = (cfg.clone(), alerts.clone());
                 let _ = run_job(
@@ -229,7 +254,6 @@ pub async fn run(
             let Some(ok) = ok else { return };
             state.last_verify = Some(rfc(at));
             state.last_verify_ok = Some(ok);
-            save_state(&path, &state);
         }
     }
 }

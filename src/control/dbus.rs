@@ -176,6 +176,7 @@ pub fn verify_job(
                             if let Some(a) = &alerts {
                                 a.open(&key, crate::backup::alerts::drill_failed(*k, &m.id, &e.to_string()));
                             }
+                            crate::backup::scheduler::record("verify", std::time::SystemTime::now(), false);
                             return Err(format!("{} {} FAILED verification: {e}", k.as_str(), m.id));
                         }
                     }
@@ -183,6 +184,7 @@ pub fn verify_job(
                 if found == 0 {
                     return Err(format!("no backup {id} (see `caretaker backup list`)"));
                 }
+                crate::backup::scheduler::record("verify", std::time::SystemTime::now(), true);
                 Ok(done.join(", "))
             };
             pump(&ctx, &mut rx, work).await
@@ -198,6 +200,7 @@ pub fn backup_job(
 ) -> impl FnOnce(super::jobs::JobCtx) -> super::jobs::JobFuture {
     move |ctx| {
         Box::pin(async move {
+            let started = std::time::SystemTime::now();
             let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
             let instance = crate::backup::run::instance_id();
             let mut done = Vec::new();
@@ -221,6 +224,7 @@ pub fn backup_job(
                                 if let Some(a) = &alerts {
                                     a.open(&crate::backup::alerts::backup_key(k), crate::backup::alerts::backup_failed(k, &e.to_string()));
                                 }
+                                crate::backup::scheduler::record("backup", started, false);
                                 return Err(format!("{} backup failed: {e}", k.as_str()));
                             }
                         },
@@ -238,6 +242,7 @@ pub fn backup_job(
                     crate::control::client::human_bytes(manifest.stored_bytes)
                 ));
             }
+            crate::backup::scheduler::record("backup", started, true);
             Ok(format!("backed up: {}", done.join(", ")))
         })
     }
