@@ -480,7 +480,7 @@ pub struct BackupConfig {
     pub zstd_level: i32,
     /// Bytes per uploaded part at the start (grows for very large streams; at least 5 MiB).
     pub part_size: u64,
-    /// Parts uploaded at once; memory ≈ part-size × (2 × parts-in-flight + 1).
+    /// Parts uploaded at once; the stream holds at most part-size × (parts-in-flight + 2) bytes.
     pub parts_in_flight: usize,
     /// age X25519 recipients (`age1…`). When empty, the passphrase below is used.
     pub recipients: Vec<String>,
@@ -513,8 +513,8 @@ impl Default for BackupConfig {
             prefix: "caretaker".into(),
             database: "zmanim".into(),
             zstd_level: 3,
-            part_size: 16 << 20,
-            parts_in_flight: 4,
+            part_size: 6 << 20,
+            parts_in_flight: 2,
             recipients: vec![],
             passphrase_file: "caretaker".into(),
             passphrase_var: "BACKUP_PASSPHRASE".into(),

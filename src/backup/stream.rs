@@ -5,7 +5,7 @@
 //! reader task ──chunks (bounded)──▶ encoder thread: sha256(plain), zstd, age, cut parts
 //!                                     ──parts (bounded)──▶ uploader: ≤ N UploadPart in flight
 //! ```
-//! Memory is bounded by `part_size × (2 × parts_in_flight + 1)` plus small chunk buffers, whatever
+//! Memory is bounded by `part_size × (parts_in_flight + 2)` plus small chunk buffers, whatever
 //! the size of the input. Parts grow (×2 every 1,000 parts) so no stream reaches S3's 10,000-part
 //! limit. The upload is left *pending*: the caller completes it only after the producer exited 0
 //! ([`PendingUpload::complete`]), and aborts it on any failure — a truncated dump never becomes an
@@ -82,7 +82,7 @@ impl StreamConfig {
 
     /// The most memory the stream holds in buffers, whatever the input size (for a part index).
     pub fn buffer_bound(&self, index: usize) -> usize {
-        self.part_size_for(index) * (2 * self.parts_in_flight + 1) + 4 * CHUNK
+        self.part_size_for(index) * (self.parts_in_flight + 2) + 4 * CHUNK
     }
 }
 
@@ -183,7 +183,8 @@ where
     let cfg = Arc::new(cfg);
     let upload_id = s3.create_multipart(bucket, key).await?;
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Bytes>(4);
-    let (part_tx, mut part_rx) = mpsc::channel::<Bytes>(cfg.parts_in_flight.max(1));
+    // One finished part waits while N upload and the encoder fills the next: N + 2 parts at most.
+    let (part_tx, mut part_rx) = mpsc::channel::<Bytes>(1);
 
     // Encoder thread: plaintext chunks in, parts out.
     let enc_cfg = cfg.clone();
@@ -344,11 +345,20 @@ mod tests {
         assert_eq!(c.part_size_for(0), 16 << 20);
         assert_eq!(c.part_size_for(1000), 32 << 20);
         assert_eq!(cfg(1, 1).part_size_for(0), MIN_PART, "never below S3's minimum");
+        // The default (6 MiB) too: S3's largest object, 5 TiB, in at most 10,000 parts.
+        let d = crate::config::BackupConfig::default();
+        let c = cfg(d.part_size as usize, d.parts_in_flight);
+        let (mut total, mut parts) = (0u128, 0);
+        while total < 5u128 << 40 {
+            total += c.part_size_for(parts) as u128;
+            parts += 1;
+        }
+        assert!(parts <= MAX_PARTS, "{parts} parts with the default part size");
     }
 
     #[test]
     fn the_memory_bound_does_not_depend_on_the_input() {
         let c = cfg(8 << 20, 4);
-        assert_eq!(c.buffer_bound(0), (8 << 20) * 9 + 4 * CHUNK);
+        assert_eq!(c.buffer_bound(0), (8 << 20) * 6 + 4 * CHUNK);
     }
 }
