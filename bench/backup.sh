@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): streaming backups of a Zmanim-like PostgreSQL database to S3 (s3s-fs in
+# the box's network), side by side in one run, at each size asked (GiB on disk; default 1 and 4):
+#   limit      pg_dump -Fc --compress=0 > /dev/null          (the producer alone)
+#   zstd -3    pg_dump -Fc --compress=0 | zstd -3 -T1 > /dev/null   (the floor of any compressed pipeline)
+#   caretaker  caretaker backup now --kind postgres           (release daemon: zstd, age, multipart, hashes, manifest)
+#   aws        pg_dump -Fc | aws s3 cp - s3://…              (the seed's shell way, Debian's aws-cli v2)
+#   restic     pg_dump -Fc | restic backup --stdin            (Debian's restic, repository on the same S3)
+# Printed: wall time, ratio to the limit, the consumer's peak RSS (caretaker: the daemon's VmHWM,
+# the daemon restarted before; others: /usr/bin/time of the consumer process).
+# Targets: caretaker ≤ 1.10 × the limit, ≥ 1.5× faster than restic, peak RSS ≤ 40 MiB and the same
+# (±10 %) at every size.
+# Usage: bench/backup.sh [GIB ...]   (as root, after dev/setup). 1 GiB takes a few minutes.
+sizes=("$@")
+[[ ${#sizes[@]} -gt 0 ]] || sizes=(1 4)
+source "$(dirname "$0")/lib/pgbox.sh"
+mkdir -p "$work/s3/restic"
+in_box systemctl start caretaker.service
+results=()
+for gb in "${sizes[@]}"; do
+    load_dataset "$gb"
+    echo "limit..." >&2
+    t=$(now); in_box sh -c 'runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim > /dev/null'; limit=$(elapsed "$t")
+
+    echo "zstd floor..." >&2
+    t=$(now); in_box sh -c 'runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim | zstd -q -3 -T1 > /dev/null'; zf=$(elapsed "$t")
+
+    echo "caretaker..." >&2
+    in_box systemctl restart caretaker.service
+    for _ in $(seq 50); do in_box caretaker status >/dev/null 2>&1 && break; sleep 0.2; done
+    hostpid=$(daemon_host_pid "$box" "$pid1")
+    t=$(now); in_box caretaker backup now --kind postgres > "$work/caretaker.out" || { cat "$work/caretaker.out" >&2; in_box journalctl -u caretaker -n 30 --no-pager >&2; exit 1; }; ct=$(elapsed "$t")
+    ct_rss=$(( $(awk '/^VmHWM:/ {print $2}' "/proc/$hostpid/status") / 1024 ))
+    stored=$(grep -o '([^)]*stored)' "$work/caretaker.out" | head -1 || true)
+
+    echo "aws s3 cp..." >&2
+    t=$(now)
+    in_box sh -c "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
+      runuser -u postgres -- pg_dump -Fc -d zmanim | /usr/bin/time -f %M -o /root/aws.rss \
+        /usr/bin/aws --endpoint-url http://127.0.0.1:$S3_PORT s3 cp - s3://$bucket/aws/zmanim.dump"
+    aw=$(elapsed "$t"); aw_rss=$(( $(in_box cat /root/aws.rss) / 1024 ))
+
+    echo "restic..." >&2
+    renv="export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing RESTIC_PASSWORD=bench RESTIC_REPOSITORY=s3:http://127.0.0.1:$S3_PORT/restic/$gb"
+    in_box sh -c "$renv; restic init -q"
+    t=$(now)
+    in_box sh -c "$renv; runuser -u postgres -- pg_dump -Fc -d zmanim | /usr/bin/time -f %M -o /root/restic.rss restic backup -q --stdin --stdin-filename zmanim.dump"
+    rs=$(elapsed "$t"); rs_rss=$(( $(in_box cat /root/restic.rss) / 1024 ))
+
+    results+=("$(printf '%s GiB (%d MiB on disk, %d MiB dump; caretaker %s\n' "$gb" $(( db_size / 1048576 )) $(( dump_bytes / 1048576 )) "${stored#(}")
+$(printf '  %-10s %8s %14s %14s\n' way wall "× the limit" "peak RSS")
+$(printf '  %-10s %7ss %14s %14s\n' limit "$limit" 1.00 -)
+$(printf '  %-10s %7ss %14s %14s   (pg_dump | zstd -3 -T1 > /dev/null: any compressed pipeline)\n' "zstd -3" "$zf" "$(ratio "$zf" "$limit")" -)
+$(printf '  %-10s %7ss %14s %11s MiB\n' caretaker "$ct" "$(ratio "$ct" "$limit")" "$ct_rss")
+$(printf '  %-10s %7ss %14s %11s MiB\n' aws "$aw" "$(ratio "$aw" "$limit")" "$aw_rss")
+$(printf '  %-10s %7ss %14s %11s MiB   caretaker is %s× faster\n' restic "$rs" "$(ratio "$rs" "$limit")" "$rs_rss" "$(ratio "$rs" "$ct")")")
+done
+echo
+printf '%s\n' "${results[@]}"
+echo "targets: caretaker ≤ 1.10 × the limit, ≥ 1.5× faster than restic, peak RSS ≤ 40 MiB at every size"

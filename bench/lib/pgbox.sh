@@ -1,0 +1,110 @@
+# Sourced by bench/backup.sh and bench/restore.sh: a lab box with PostgreSQL and Redis, s3s-fs (an
+# S3 server on a folder, flat memory: see ../shared/lab-notes.md; installed once into .tools) in
+# its network, caretaker's RELEASE daemon configured for backups to it (age recipient; identity in
+# the env file so restores can decrypt). `load_dataset GB` fills database zmanim with a Zmanim-like
+# schema that compresses like real data: ~163k cities with names and PostGIS points, publishers,
+# and zmanim rows with times and text, as many as GB asks. Sets: box, pid1, work, bucket,
+# recipient, identity_file, S3_PORT; defines in_box, netcurl, now, elapsed, ratio, load_dataset.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+(( EUID == 0 )) || { echo "run as root" >&2; exit 2; }
+if [[ ! -x .tools/bin/s3s-fs ]]; then
+    echo "installing s3s-fs into .tools (once, ~4 min)..." >&2
+    cargo install --quiet --locked --root "$repo/.tools" s3s-fs@0.14.1 --features binary
+fi
+source bench/lib/daemon-pid.sh
+S3_PORT=5000
+bucket=bench-backups
+box="ct-bench-$(basename "$0" .sh)-$$"
+work=$(mktemp -d /var/tmp/caretaker-bench.XXXXXX)
+pids=()
+cleaned=
+cleanup() {
+    [[ -n $cleaned ]] && return
+    cleaned=1
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    dev/lab down "$box" >/dev/null 2>&1 || echo "dev/lab down $box failed" >&2
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for p in restic time awscli bc; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+        || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+done
+echo "building (release: what an image ships)..." >&2
+cargo build --release --workspace --bins --locked --quiet
+cargo build --workspace --bins --locked --quiet
+
+out=$(dev/lab up "$box" --owner $$)
+pid1=$(sed -n 's/^pid1=//p' <<<"$out")
+in_box() { dev/lab exec "$box" "$@"; }
+netcurl() { nsenter -t "$pid1" -n -- curl -fsS "$@"; }
+mkdir -p "$work/s3/$bucket"
+nsenter -t "$pid1" -n -- .tools/bin/s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key testing --secret-key testing "$work/s3" >"$work/s3s.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 150); do nsenter -t "$pid1" -n -- bash -c "echo > /dev/tcp/127.0.0.1/$S3_PORT" 2>/dev/null && break; sleep 0.2; done
+
+identity_file=$work/identity.txt
+age-keygen -o "$identity_file" 2>/dev/null
+recipient=$(age-keygen -y "$identity_file")
+in_box sh -c 'mkdir -p /etc/caretaker/caretaker.d && cat > /etc/caretaker/caretaker.d/50-bench.toml' <<CONFIG
+[aws]
+region = "us-east-1"
+s3-endpoint = "http://127.0.0.1:$S3_PORT"
+[backup]
+bucket = "$bucket"
+database = "zmanim"
+recipients = ["$recipient"]
+CONFIG
+in_box sh -c "umask 077; mkdir -p /run/caretaker/env; printf 'BACKUP_AGE_IDENTITY=\"%s\"\n' '$(grep '^AGE-SECRET-KEY-' "$identity_file")' > /run/caretaker/env/caretaker.env"
+# The release daemon, with credentials for the S3 server.
+in_box sh -c 'mkdir -p /run/systemd/system/caretaker.service.d && printf "[Service]\nExecStart=\nExecStart=/opt/target/release/caretaker daemon\nEnvironment=AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing\n" > /run/systemd/system/caretaker.service.d/60-bench.conf && systemctl daemon-reload'
+
+# load_dataset GB: (re)creates database zmanim at about GB GiB on disk.
+load_dataset() {
+    local gb=$1 rows
+    rows=${BENCH_ROWS:-$(( gb * 5200000 ))}
+    echo "loading the dataset: ${gb} GiB (163,000 cities, $rows zmanim rows)..." >&2
+    in_box runuser -u postgres -- psql -q -c 'drop database if exists zmanim with (force)' -c 'create database zmanim'
+    in_box runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -d zmanim <<SQL
+create extension postgis;
+create table publishers(id int primary key, name text not null, url text not null, contact text);
+insert into publishers select g, 'Publisher ' || g || ' of ' || (array['Jerusalem','Bnei Brak','Lakewood','Antwerp','London','Monsey'])[1 + g % 6],
+       'https://zmanim.example/' || md5(g::text), 'rabbi' || g || '@example.org' from generate_series(1, 2000) g;
+create table cities(id int primary key, name text not null, country text not null, tz text not null,
+                    elevation_m int, loc geometry(Point, 4326) not null);
+insert into cities select g, (array['Beit','Kfar','Ramat','Givat','Neve','Ir'])[1 + g % 6] || ' ' || initcap(substr(md5(g::text), 1, 3 + g % 7)),
+       (array['IL','US','GB','FR','BE','CA','AR','AU','ZA','DE'])[1 + g % 10], 'Zone/' || (g % 400), g % 3000,
+       st_setsrid(st_makepoint(((g::bigint * 7919) % 36000) / 100.0 - 180, ((g::bigint * 104729) % 17000) / 100.0 - 85), 4326)
+  from generate_series(1, 163000) g;
+create table zmanim(id bigint primary key, city int not null references cities, publisher int references publishers,
+                    day date not null, alot time, sunrise time, sof_zman_shema time, chatzot time, mincha time,
+                    sunset time, tzeit time, note text);
+insert into zmanim select g, 1 + g % 163000, 1 + g % 2000, '2026-01-01'::date + (g / 163000)::int % 3650,
+       '04:30'::time + (g % 61) * interval '1 minute', '06:00'::time + (g % 53) * interval '1 minute',
+       '09:10'::time + (g % 41) * interval '1 minute', '12:30'::time + (g % 31) * interval '1 minute',
+       '13:05'::time + (g % 29) * interval '1 minute', '19:00'::time + (g % 71) * interval '1 minute',
+       '19:40'::time + (g % 67) * interval '1 minute',
+       case when g % 3 = 0 then 'candle lighting ' || (18 + g % 22) || ' min before sunset; ' || substr(md5(g::text), 1, 6 + g % 10)
+            when g % 3 = 1 then 'per ' || (array['Magen Avraham','Gra','Baal HaTanya','Rabbeinu Tam'])[1 + g % 4]
+            else null end
+  from generate_series(1, $rows) g;
+vacuum analyze;
+SQL
+    db_size=$(in_box runuser -u postgres -- psql -Atc "select pg_database_size('zmanim')")
+    dump_bytes=$(in_box sh -c 'runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim | wc -c')
+    echo "database zmanim: $(( db_size / 1048576 )) MiB on disk, $(( dump_bytes / 1048576 )) MiB dump" >&2
+}
+in_box systemctl start caretaker.service
+for _ in $(seq 50); do in_box caretaker status >/dev/null 2>&1 && break; sleep 0.2; done
+
+# Seconds since the epoch with nanoseconds; seconds elapsed since $1.
+now() { date +%s.%N; }
+elapsed() { printf '%.2f' "$(echo "$(now) - $1" | bc -l)"; }
+ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
