@@ -128,6 +128,34 @@ fn drill_rig(prefix: &str) -> (LabBox, Moto) {
     (b, moto)
 }
 
+/// SES on a moto of its own (moto cannot list sent emails while it holds multipart parts), the
+/// sender verified, caretaker configured to mail through it (restarted to pick that up).
+fn ses_for(b: &LabBox) -> Moto {
+    let ses = Moto::start_in_netns(b.pid1()).expect("moto for SES");
+    let r = ses
+        .request(
+            "POST",
+            "/",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                (
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ses/aws4_request, SignedHeaders=host, Signature=0",
+                ),
+            ],
+            b"Action=VerifyEmailIdentity&EmailAddress=caretaker%40example.com&Version=2010-12-01",
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let notify = format!(
+        "[aws]\nses-endpoint = \"{}\"\n[notify]\nsender = \"caretaker@example.com\"\nrecipients = [\"ops@example.com\"]\n",
+        ses.endpoint()
+    );
+    b.write_file("/etc/caretaker/caretaker.d/60-notify.toml", notify.as_bytes(), 0o644).unwrap();
+    b.sh_ok("systemctl restart caretaker");
+    ses
+}
+
 fn verify_json(moto: &Moto, kind: &str, id: &str) -> serde_json::Value {
     let key = format!("/backups/caretaker/{kind}/{}/{}/{}/{id}/verify.json", &id[0..4], &id[4..6], &id[6..8]);
     let r = moto.request("GET", &key, &[s3_auth()], b"").unwrap();
@@ -138,6 +166,7 @@ fn verify_json(moto: &Moto, kind: &str, id: &str) -> serde_json::Value {
 #[test]
 fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
     let (b, moto) = drill_rig("bk-drill");
+    let ses = ses_for(&b);
     let out = b.sh("caretaker backup now");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let list =
@@ -177,6 +206,15 @@ fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
     assert!(stdout.contains("FAILED") && stdout.contains("damaged or was altered"), "{stdout}");
     let v = verify_json(&moto, "postgres", &id);
     assert_eq!(v["ok"], false, "{v:#}");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let subjects: Vec<String> = ses.sent_emails().unwrap().into_iter().map(|e| e.subject).collect();
+        if subjects.iter().filter(|s| s.contains("failed its restore drill")).count() == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "one drill alert: {subjects:?}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
     let dbs = b.sh_ok("runuser -u postgres -- psql -Atc 'select datname from pg_database'");
     assert!(!dbs.contains("caretaker_verify"), "the scratch database is dropped after a failure too: {dbs}");
 }
@@ -219,26 +257,17 @@ fn a_missed_scheduled_backup_runs_soon_after_start_then_retention_and_status_sho
 #[test]
 fn pg_dump_killed_mid_stream_publishes_nothing_aborts_the_upload_and_sends_one_email() {
     let (b, moto) = drill_rig("bk-kill");
-    // SES on a moto of its own: moto cannot list sent emails while it holds multipart parts.
-    let ses = Moto::start_in_netns(b.pid1()).expect("moto for SES");
-    let ses_auth = (
-        "Authorization",
-        "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ses/aws4_request, SignedHeaders=host, Signature=0",
-    );
-    let r = ses
-        .request(
-            "POST",
-            "/",
-            &[("Content-Type", "application/x-www-form-urlencoded"), ses_auth],
-            b"Action=VerifyEmailIdentity&EmailAddress=caretaker%40example.com&Version=2010-12-01",
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let notify = format!(
-        "[aws]\nses-endpoint = \"{}\"\n[notify]\nsender = \"caretaker@example.com\"\nrecipients = [\"ops@example.com\"]\n",
-        ses.endpoint()
-    );
-    b.write_file("/etc/caretaker/caretaker.d/60-notify.toml", notify.as_bytes(), 0o644).unwrap();
+    let ses = ses_for(&b);
+    b.sh_ok("caretaker backup now --kind postgres >/dev/null");
+    let latest = || {
+        let list = b.sh_ok(
+            "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres",
+        );
+        let all: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+        (all.len(), all.last().map(|m| m["id"].as_str().unwrap().to_string()))
+    };
+    let before = latest();
+    assert_eq!(before.0, 1);
     // Enough data that pg_dump runs for a while (incompressible text: the stream keeps uploading).
     b.sh_ok(
         "runuser -u postgres -- psql -d zmanim -qc \"create table blobs(id int primary key, body text); \
@@ -260,8 +289,7 @@ fn pg_dump_killed_mid_stream_publishes_nothing_aborts_the_upload_and_sends_one_e
     }
     let out = b.sh_ok("cat /run/bk.out");
     assert!(out.contains("FAILED") && out.contains("pg_dump"), "{out}");
-    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
-    assert!(!list.contains("manifest.json"), "nothing was published: {list}");
+    assert_eq!(latest(), before, "nothing was published: the previous latest is still the latest");
     let uploads = moto.request("GET", "/backups?uploads", &[s3_auth()], b"").unwrap().text();
     assert!(!uploads.contains("<UploadId>"), "the multipart upload was aborted: {uploads}");
     let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -286,4 +314,35 @@ fn pg_dump_killed_mid_stream_publishes_nothing_aborts_the_upload_and_sends_one_e
         assert!(std::time::Instant::now() < end, "no recovery email: {subjects:?}");
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
+}
+
+#[test]
+fn a_daemon_killed_mid_backup_leaves_no_stale_upload_after_restart_and_the_next_backup_succeeds() {
+    let (b, moto) = drill_rig("bk-dkill");
+    b.sh_ok(
+        "runuser -u postgres -- psql -d zmanim -qc \"create table blobs(id int primary key, body text); \
+         insert into blobs select g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text) from generate_series(1, 1500000) g\"",
+    );
+    b.sh_ok("systemd-run --unit=bk-dkill-cli --collect caretaker backup now --kind postgres");
+    let uploads = || moto.request("GET", "/backups?uploads", &[s3_auth()], b"").unwrap().text();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !uploads().contains("<UploadId>") {
+        assert!(
+            std::time::Instant::now() < end,
+            "the backup never started uploading: {}",
+            b.journal("caretaker.service")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    b.sh_ok("kill -KILL $(systemctl show -p MainPID --value caretaker.service)");
+    // systemd restarts the daemon (Restart=on-failure after 5 s); it aborts what the dead one left.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while uploads().contains("<UploadId>") {
+        assert!(std::time::Instant::now() < end, "a stale upload remains: {}", uploads());
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
+    assert!(!list.contains("manifest.json"), "the killed backup published nothing: {list}");
+    let out = b.sh("caretaker backup now --kind postgres");
+    assert!(out.status.success(), "the next backup succeeds: {}", String::from_utf8_lossy(&out.stdout));
 }
