@@ -20,40 +20,41 @@ results=()
 for gb in "${sizes[@]}"; do
     load_dataset "$gb"
     echo "limit..." >&2
-    t=$(now); in_box sh -c 'runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim > /dev/null'; limit=$(elapsed "$t")
+    c=$(cpu); t=$(now); in_box sh -c 'runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim > /dev/null'; limit=$(elapsed "$t"); limit_cpu=$(cpu_since "$c")
 
     echo "zstd floor..." >&2
-    t=$(now); in_box sh -c 'runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim | zstd -q -3 -T1 > /dev/null'; zf=$(elapsed "$t")
+    c=$(cpu); t=$(now); in_box sh -c 'runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim | zstd -q -3 -T1 > /dev/null'; zf=$(elapsed "$t"); zf_cpu=$(cpu_since "$c")
 
     echo "caretaker..." >&2
     in_box systemctl restart caretaker.service
     for _ in $(seq 50); do in_box caretaker status >/dev/null 2>&1 && break; sleep 0.2; done
     hostpid=$(daemon_host_pid "$box" "$pid1")
-    t=$(now); in_box caretaker backup now --kind postgres > "$work/caretaker.out" || { cat "$work/caretaker.out" >&2; in_box journalctl -u caretaker -n 30 --no-pager >&2; exit 1; }; ct=$(elapsed "$t")
+    c=$(cpu); t=$(now); in_box caretaker backup now --kind postgres > "$work/caretaker.out" || { cat "$work/caretaker.out" >&2; in_box journalctl -u caretaker -n 30 --no-pager >&2; exit 1; }; ct=$(elapsed "$t"); ct_cpu=$(cpu_since "$c")
     ct_rss=$(( $(awk '/^VmHWM:/ {print $2}' "/proc/$hostpid/status") / 1024 ))
     stored=$(grep -o '([^)]*stored)' "$work/caretaker.out" | head -1 || true)
 
     echo "aws s3 cp..." >&2
-    t=$(now)
+    c=$(cpu); t=$(now)
     in_box sh -c "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
       runuser -u postgres -- pg_dump -Fc -d zmanim | /usr/bin/time -f %M -o /root/aws.rss \
         /usr/bin/aws --endpoint-url http://127.0.0.1:$S3_PORT s3 cp - s3://$bucket/aws/zmanim.dump"
-    aw=$(elapsed "$t"); aw_rss=$(( $(in_box cat /root/aws.rss) / 1024 ))
+    aw=$(elapsed "$t"); aw_cpu=$(cpu_since "$c"); aw_rss=$(( $(in_box cat /root/aws.rss) / 1024 ))
 
     echo "restic..." >&2
     renv="export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing RESTIC_PASSWORD=bench RESTIC_REPOSITORY=s3:http://127.0.0.1:$S3_PORT/restic/$gb"
     in_box sh -c "$renv; restic init -q"
-    t=$(now)
+    c=$(cpu); t=$(now)
     in_box sh -c "$renv; runuser -u postgres -- pg_dump -Fc -d zmanim | /usr/bin/time -f %M -o /root/restic.rss restic backup -q --stdin --stdin-filename zmanim.dump"
-    rs=$(elapsed "$t"); rs_rss=$(( $(in_box cat /root/restic.rss) / 1024 ))
+    rs=$(elapsed "$t"); rs_cpu=$(cpu_since "$c"); rs_rss=$(( $(in_box cat /root/restic.rss) / 1024 ))
 
     results+=("$(printf '%s GiB (%d MiB on disk, %d MiB dump; caretaker %s\n' "$gb" $(( db_size / 1048576 )) $(( dump_bytes / 1048576 )) "${stored#(}")
-$(printf '  %-10s %8s %14s %14s\n' way wall "× the limit" "peak RSS")
-$(printf '  %-10s %7ss %14s %14s\n' limit "$limit" 1.00 -)
-$(printf '  %-10s %7ss %14s %14s   (pg_dump | zstd -3 -T1 > /dev/null: any compressed pipeline)\n' "zstd -3" "$zf" "$(ratio "$zf" "$limit")" -)
-$(printf '  %-10s %7ss %14s %11s MiB\n' caretaker "$ct" "$(ratio "$ct" "$limit")" "$ct_rss")
-$(printf '  %-10s %7ss %14s %11s MiB\n' aws "$aw" "$(ratio "$aw" "$limit")" "$aw_rss")
-$(printf '  %-10s %7ss %14s %11s MiB   caretaker is %s× faster\n' restic "$rs" "$(ratio "$rs" "$limit")" "$rs_rss" "$(ratio "$rs" "$ct")")")
+$(printf '  %-10s %8s %12s %10s %10s\n' way wall "× the limit" "CPU-s" "peak RSS")
+$(printf '  %-10s %7ss %12s %10s %10s\n' limit "$limit" 1.00 "$limit_cpu" -)
+$(printf '  %-10s %7ss %12s %10s %10s   (pg_dump | zstd -3 -T1 > /dev/null: any compressed pipeline)\n' "zstd -3" "$zf" "$(ratio "$zf" "$limit")" "$zf_cpu" -)
+$(printf '  %-10s %7ss %12s %10s %6s MiB\n' caretaker "$ct" "$(ratio "$ct" "$limit")" "$ct_cpu" "$ct_rss")
+$(printf '  %-10s %7ss %12s %10s %6s MiB\n' aws "$aw" "$(ratio "$aw" "$limit")" "$aw_cpu" "$aw_rss")
+$(printf '  %-10s %7ss %12s %10s %6s MiB   caretaker is %s× faster\n' restic "$rs" "$(ratio "$rs" "$limit")" "$rs_cpu" "$rs_rss" "$(ratio "$rs" "$ct")")
+$(printf '  CPU-s: busy time of the whole machine (%s cores) during the run; a run cannot take less than CPU-s / %s\n' "$cores" "$cores")")
 done
 echo
 printf '%s\n' "${results[@]}"

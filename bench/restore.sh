@@ -22,7 +22,7 @@ in_box sh -c "$renv; restic init -q
   runuser -u postgres -- pg_dump -Fc --compress=0 -d zmanim | restic backup -q --stdin --stdin-filename zmanim.dump"
 
 echo "caretaker restore..." >&2
-t=$(now); in_box caretaker restore postgres > "$work/restore.out"; ct=$(elapsed "$t")
+c=$(cpu); t=$(now); in_box caretaker restore postgres > "$work/restore.out"; ct=$(elapsed "$t"); ct_cpu=$(cpu_since "$c")
 tail -1 "$work/restore.out" >&2
 # The box lives on a 4 GiB tmpfs: make room (the kept database and, below, each copy once measured).
 kept=$(in_box caretaker restore list-kept --json | jq -r '.[0].name')
@@ -30,20 +30,22 @@ in_box caretaker restore drop-kept "$kept" >/dev/null
 
 echo "pg_restore from a local file..." >&2
 in_box runuser -u postgres -- createdb bench_local
-t=$(now); in_box runuser -u postgres -- pg_restore --exit-on-error -d bench_local /var/tmp/zmanim.dump; lf=$(elapsed "$t")
+c=$(cpu); t=$(now); in_box runuser -u postgres -- pg_restore --exit-on-error -d bench_local /var/tmp/zmanim.dump; lf=$(elapsed "$t"); lf_cpu=$(cpu_since "$c")
 
 in_box runuser -u postgres -- dropdb bench_local
 in_box rm -f /var/tmp/zmanim.dump
 echo "restic dump | pg_restore..." >&2
 in_box runuser -u postgres -- createdb bench_restic
-t=$(now)
+c=$(cpu); t=$(now)
 in_box sh -c "$renv; restic dump -q latest zmanim.dump | runuser -u postgres -- pg_restore --exit-on-error -d bench_restic"
-rs=$(elapsed "$t")
+rs=$(elapsed "$t"); rs_cpu=$(cpu_since "$c")
 
 echo
 echo "restore of database zmanim ($(( db_size / 1048576 )) MiB on disk)"
-printf '%-11s %9s   %s\n' way wall "speed vs local file"
-printf '%-11s %8ss   %s\n' caretaker "$ct" "$(ratio "$lf" "$ct")  (download, decrypt, hashes, row counts, swap)"
-printf '%-11s %8ss   %s\n' "local file" "$lf" "1.00"
-printf '%-11s %8ss   %s\n' restic "$rs" "$(ratio "$lf" "$rs")"
+printf '%-11s %9s %7s   %s\n' way wall CPU-s "speed vs local file"
+printf '%-11s %8ss %7s   %s\n' caretaker "$ct" "$ct_cpu" "$(ratio "$lf" "$ct")  (download, decrypt, hashes, row counts, swap, health gate)"
+printf '%-11s %8ss %7s   %s\n' "local file" "$lf" "$lf_cpu" "1.00"
+printf '%-11s %8ss %7s   %s\n' restic "$rs" "$rs_cpu" "$(ratio "$lf" "$rs")"
+echo "caretaker's phases (seconds from the start):"
+sed -n 's/^/  /p' "$work/restore.out" | grep -E 'restor|count|swap|gate|healthy|done' | head -20 || true
 echo "target: caretaker ≥ 0.90 × the local-file speed"

@@ -95,6 +95,14 @@ pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync folder", dir))
 }
 
+/// Grows a pipe's kernel buffer to 1 MiB (best effort): a producer writing small blocks (pg_dump
+/// writes 4 KiB at a time) then fills it while the consumer works, and the consumer drains it in
+/// few large reads instead of many small wake-ups.
+pub fn grow_pipe(fd: &impl std::os::fd::AsFd) {
+    use std::os::fd::AsRawFd;
+    let _ = nix::fcntl::fcntl(fd.as_fd().as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

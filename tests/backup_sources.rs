@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use caretaker::backup::postgres::{Snapshot, compare_counts, pg_dump_args};
+use caretaker::backup::postgres::{Snapshot, compare_counts, pg_dump_args, row_counts};
 use caretaker::backup::redis::{RedisBackupError, bgsave};
 use caretaker::pg::PgTarget;
 
@@ -127,11 +127,43 @@ async fn row_counts_and_the_dump_come_from_one_snapshot() {
     restore.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
     let out = restore.wait_with_output().unwrap();
     assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
-    let restored = pg.target.connect("restored", Duration::from_secs(10)).await.unwrap();
-    let actual = caretaker::backup::postgres::row_counts(&restored).await.unwrap();
+    let actual = row_counts(&pg.target, "restored", None, 2).await.unwrap();
     assert_eq!(compare_counts(&expected, &actual), vec![], "restored copy differs from the snapshot");
-    let live = caretaker::backup::postgres::row_counts(&admin).await.unwrap();
+    let live = row_counts(&pg.target, "postgres", None, 2).await.unwrap();
     assert_eq!(compare_counts(&expected, &live).len(), 2, "the live database moved on");
+}
+
+/// The parallel counters import the exported snapshot: rows committed after the export, while
+/// the counting runs, are not counted (without the import they would be).
+#[tokio::test(flavor = "current_thread")]
+async fn parallel_counts_see_the_exported_snapshot_only() {
+    let pg = start_pg();
+    let admin = pg.target.connect("postgres", Duration::from_secs(10)).await.unwrap();
+    let mut sql = String::new();
+    for t in 0..5 {
+        sql.push_str(&format!(
+            "CREATE TABLE t{t}(id int); INSERT INTO t{t} SELECT generate_series(1, {});",
+            100 * (t + 1)
+        ));
+    }
+    admin.batch_execute(&sql).await.unwrap();
+    let exporter = pg.target.connect("postgres", Duration::from_secs(10)).await.unwrap();
+    exporter.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.unwrap();
+    let id: String = exporter.query_one("SELECT pg_export_snapshot()", &[]).await.unwrap().get(0);
+
+    admin
+        .batch_execute("INSERT INTO t0 VALUES (0); DELETE FROM t4 WHERE id <= 10; CREATE TABLE late(id int);")
+        .await
+        .unwrap();
+
+    for workers in [1, 2, 3] {
+        let counts = row_counts(&pg.target, "postgres", Some(&id), workers).await.unwrap();
+        let expected: Vec<(String, i64)> = (0..5).map(|t| (format!("public.t{t}"), 100 * (t + 1))).collect();
+        assert_eq!(counts.into_iter().collect::<Vec<_>>(), expected, "{workers} workers");
+    }
+    let now = row_counts(&pg.target, "postgres", None, 2).await.unwrap();
+    assert_eq!((now["public.t0"], now["public.t4"], now["public.late"]), (101, 490, 0), "outside the snapshot");
+    exporter.batch_execute("COMMIT").await.unwrap();
 }
 
 /// A Redis server run as `nobody` in `dir` with its default save points (so a failed BGSAVE makes

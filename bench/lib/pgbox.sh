@@ -108,3 +108,8 @@ for _ in $(seq 50); do in_box caretaker status >/dev/null 2>&1 && break; sleep 0
 now() { date +%s.%N; }
 elapsed() { printf '%.2f' "$(echo "$(now) - $1" | bc -l)"; }
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
+# The machine's busy CPU time so far in seconds, all cores together (the box's processes, s3s-fs,
+# everything: the machine is otherwise idle while a benchmark runs), and the CPU used since.
+cpu() { awk '/^cpu / {printf "%.2f", ($2+$3+$4+$7+$8+$9)/100}' /proc/stat; }
+cpu_since() { printf '%.1f' "$(echo "$(cpu) - $1" | bc -l)"; }
+cores=$(nproc)

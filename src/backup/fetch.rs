@@ -3,15 +3,16 @@
 //! plaintext, compared with the manifest by [`check`].
 //!
 //! ```text
-//! download task ──stored chunks (bounded)──▶ decoder thread: sha256(stored), age, zstd, sha256(plain)
+//! download task ──stored chunks (bounded)──▶ decoder thread: sha256(stored), age, zstd
 //!                                             ──plain chunks (bounded)──▶ the sink
+//!                                             ──the same chunks (bounded)──▶ hasher thread: sha256(plain)
 //! ```
 //! age authenticates every 64 KiB chunk, so an altered byte fails the stream at that chunk, before
 //! the sink has seen anything after it; the hashes catch the rest (a different but valid object).
 
 use std::io::{self, Read};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -167,23 +168,38 @@ where
                 }
             };
             let mut z = zstd::stream::read::Decoder::new(decrypted).map_err(|e| FetchError::Damaged(e.to_string()))?;
-            let mut plain = Sha256::new();
-            let mut plain_bytes = 0u64;
+            // The plaintext hash on a thread of its own, beside decryption and decompression.
+            let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
+            let hasher = std::thread::spawn(move || {
+                let mut plain = Sha256::new();
+                let mut plain_bytes = 0u64;
+                while let Ok(chunk) = hash_rx.recv() {
+                    plain.update(&chunk);
+                    plain_bytes += chunk.len() as u64;
+                }
+                (plain_bytes, hex::encode(plain.finalize()))
+            });
+            let mut buf = BytesMut::new();
             loop {
-                let mut buf = vec![0u8; CHUNK];
+                buf.reserve(CHUNK);
+                // Read needs initialised memory: one zero-fill per chunk, small next to zstd.
+                buf.resize(CHUNK, 0);
                 let n = z.read(&mut buf).map_err(|e| FetchError::Damaged(e.to_string()))?;
                 if n == 0 {
                     break;
                 }
                 buf.truncate(n);
-                plain.update(&buf);
-                plain_bytes += n as u64;
-                if out_tx.blocking_send(Bytes::from(buf)).is_err() {
+                let chunk = buf.split().freeze();
+                if hash_tx.send(chunk.clone()).is_err() {
+                    return Err(FetchError::Damaged("the hasher thread stopped".into()));
+                }
+                if out_tx.blocking_send(chunk).is_err() {
                     // The sink side stopped (its error is reported there).
                     return Err(FetchError::Sink(io::Error::other("the consumer stopped reading")));
                 }
             }
-            (plain_bytes, hex::encode(plain.finalize()))
+            drop(hash_tx);
+            hasher.join().map_err(|_| FetchError::Damaged("the hasher thread panicked".into()))?
         };
         // Whatever follows the end of the age stream still counts for the stored hash.
         io::copy(&mut reader, &mut io::sink()).map_err(|e| FetchError::Damaged(e.to_string()))?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::pg::{PgError, PgTarget, quote_ident};
+use crate::pg::{PgError, PgTarget, quote_ident, quote_literal};
 
 /// A held-open snapshot and the row counts taken in it.
 pub struct Snapshot {
@@ -22,25 +22,58 @@ pub struct Snapshot {
 }
 
 /// Tables whose rows are counted: ordinary and partitioned tables outside the system schemas
-/// (partitions are counted through their parent only).
+/// (partitions are counted through their parent only), largest first so that parallel counting
+/// finishes together.
 const TABLES: &str = "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
        AND n.nspname NOT LIKE 'pg_temp%' \
-     ORDER BY 1, 2";
+     ORDER BY pg_relation_size(c.oid) DESC, 1, 2";
 
-/// Exact row counts of every table, in the connection's current transaction.
-pub async fn row_counts(client: &Client) -> Result<BTreeMap<String, i64>, PgError> {
-    let mut counts = BTreeMap::new();
-    for row in client.query(TABLES, &[]).await? {
-        let (schema, table): (String, String) = (row.get(0), row.get(1));
-        let n: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {}.{}", quote_ident(&schema), quote_ident(&table)), &[])
-            .await?
-            .get(0);
-        counts.insert(format!("{schema}.{table}"), n);
+/// How many connections count rows at once: one per core, 2 to 4.
+pub fn count_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4)
+}
+
+/// Exact row counts of every table of `database`, on `workers` connections at once (largest
+/// tables first). With `snapshot`, every connection imports it (`SET TRANSACTION SNAPSHOT`), so
+/// the counts describe exactly what the exporting transaction — and a `pg_dump --snapshot` — sees.
+pub async fn row_counts(
+    target: &PgTarget,
+    database: &str,
+    snapshot: Option<&str>,
+    workers: usize,
+) -> Result<BTreeMap<String, i64>, PgError> {
+    let mut clients = Vec::new();
+    for _ in 0..workers.max(1) {
+        let client = target.connect(database, Duration::from_secs(30)).await?;
+        let mut begin = String::from("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;");
+        if let Some(id) = snapshot {
+            begin.push_str(&format!(" SET TRANSACTION SNAPSHOT {};", quote_literal(id)));
+        }
+        client.batch_execute(&begin).await?;
+        clients.push(client);
     }
-    Ok(counts)
+    let tables: Vec<(String, String)> =
+        clients[0].query(TABLES, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let queue = std::sync::Mutex::new(tables.into_iter());
+    let counted = futures_util::future::try_join_all(clients.iter().map(|client| {
+        let queue = &queue;
+        async move {
+            let mut counts = Vec::new();
+            loop {
+                let next = queue.lock().expect("not poisoned").next();
+                let Some((schema, table)) = next else { break };
+                let sql = format!("SELECT count(*) FROM {}.{}", quote_ident(&schema), quote_ident(&table));
+                let n: i64 = client.query_one(&sql, &[]).await?.get(0);
+                counts.push((format!("{schema}.{table}"), n));
+            }
+            let _ = client.batch_execute("COMMIT").await;
+            Ok::<_, PgError>(counts)
+        }
+    }))
+    .await?;
+    Ok(counted.into_iter().flatten().collect())
 }
 
 impl Snapshot {
@@ -49,7 +82,7 @@ impl Snapshot {
         let client = target.connect(database, Duration::from_secs(30)).await?;
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
         let id: String = client.query_one("SELECT pg_export_snapshot()", &[]).await?.get(0);
-        let row_counts = row_counts(&client).await?;
+        let row_counts = row_counts(target, database, Some(&id), count_workers()).await?;
         Ok(Snapshot { client, id, row_counts })
     }
 

@@ -173,6 +173,7 @@ pub async fn backup(
                 .map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
             progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}"));
             let stdout = child.stdout.take().expect("piped");
+            crate::fsutil::grow_pipe(&stdout);
             let err_task = crate::pg::collect_stderr(child.stderr.take());
             let pending = upload(s3, &bucket, &data_key, stdout, stream_cfg.clone(), on_part).await;
             let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;

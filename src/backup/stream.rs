@@ -2,7 +2,8 @@
 //! touching local disk.
 //!
 //! ```text
-//! reader task ──chunks (bounded)──▶ encoder thread: sha256(plain), zstd, age, cut parts
+//! reader task ──chunks (bounded)──▶ hasher thread: sha256(plain)
+//!             ──the same chunks──▶ encoder thread: zstd, age, sha256(stored), cut parts
 //!                                     ──parts (bounded)──▶ uploader: ≤ N UploadPart in flight
 //! ```
 //! Memory is bounded by `part_size × (parts_in_flight + 2)` plus small chunk buffers, whatever
@@ -14,7 +15,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
@@ -82,7 +83,7 @@ impl StreamConfig {
 
     /// The most memory the stream holds in buffers, whatever the input size (for a part index).
     pub fn buffer_bound(&self, index: usize) -> usize {
-        self.part_size_for(index) * (self.parts_in_flight + 2) + 4 * CHUNK
+        self.part_size_for(index) * (self.parts_in_flight + 2) + 9 * CHUNK
     }
 }
 
@@ -186,18 +187,26 @@ where
     // One finished part waits while N upload and the encoder fills the next: N + 2 parts at most.
     let (part_tx, mut part_rx) = mpsc::channel::<Bytes>(1);
 
+    // Hasher thread: SHA-256 of the plaintext, beside the encoder (a core of its own when there is one).
+    let (hash_tx, mut hash_rx) = mpsc::channel::<Bytes>(4);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut plain = Sha256::new();
+        let mut plain_bytes = 0u64;
+        while let Some(chunk) = hash_rx.blocking_recv() {
+            plain.update(&chunk);
+            plain_bytes += chunk.len() as u64;
+        }
+        (plain_bytes, hex::encode(plain.finalize()))
+    });
+
     // Encoder thread: plaintext chunks in, parts out.
     let enc_cfg = cfg.clone();
-    let encoder = tokio::task::spawn_blocking(move || -> Result<(u64, String, u64, String), String> {
+    let encoder = tokio::task::spawn_blocking(move || -> Result<(u64, String), String> {
         let parts =
             PartWriter { tx: part_tx, cfg: enc_cfg.clone(), buf: Vec::new(), index: 0, hash: Sha256::new(), total: 0 };
         let age_out = enc_cfg.encryption.encryptor()?.wrap_output(parts).map_err(|e| e.to_string())?;
         let mut z = zstd::stream::write::Encoder::new(age_out, enc_cfg.zstd_level).map_err(|e| e.to_string())?;
-        let mut plain = Sha256::new();
-        let mut plain_bytes = 0u64;
         while let Some(chunk) = chunk_rx.blocking_recv() {
-            plain.update(&chunk);
-            plain_bytes += chunk.len() as u64;
             z.write_all(&chunk).map_err(|e| e.to_string())?;
         }
         let age_out = z.finish().map_err(|e| e.to_string())?;
@@ -206,22 +215,32 @@ where
             parts.send().map_err(|e| e.to_string())?;
         }
         let stored_sha = hex::encode(parts.hash.finalize());
-        Ok((plain_bytes, hex::encode(plain.finalize()), parts.total, stored_sha))
+        Ok((parts.total, stored_sha))
     });
 
-    // Reader: the producer's output, in chunks.
+    // Reader: the producer's output in full chunks (read into uninitialised capacity: no zeroing),
+    // each to the hasher and the encoder (the same bytes, shared).
     let reader = tokio::spawn(async move {
         let mut total = 0u64;
+        let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
-            let mut buf = vec![0u8; CHUNK];
-            let n = source.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<u64, io::Error>(total);
+            let mut eof = false;
+            while buf.len() < CHUNK {
+                if source.read_buf(&mut buf).await? == 0 {
+                    eof = true;
+                    break;
+                }
             }
-            buf.truncate(n);
-            total += n as u64;
-            if chunk_tx.send(Bytes::from(buf)).await.is_err() {
-                return Ok(total);
+            if !buf.is_empty() {
+                total += buf.len() as u64;
+                let chunk = buf.split().freeze();
+                buf.reserve(CHUNK);
+                if hash_tx.send(chunk.clone()).await.is_err() || chunk_tx.send(chunk).await.is_err() {
+                    return Ok(total);
+                }
+            }
+            if eof {
+                return Ok::<u64, io::Error>(total);
             }
         }
     });
@@ -288,12 +307,14 @@ where
     }
     let read = reader.await.map_err(|e| StreamError::Encode(e.to_string()));
     let encoded = encoder.await.map_err(|e| StreamError::Encode(e.to_string()));
-    let result = match (failure, read, encoded) {
-        (Some(f), _, _) => Err(f),
-        (None, Err(e), _) | (None, _, Err(e)) => Err(e),
-        (None, Ok(Err(e)), _) => Err(StreamError::Read(e)),
-        (None, _, Ok(Err(e))) => Err(StreamError::Encode(e)),
-        (None, Ok(Ok(_)), Ok(Ok((plain_bytes, plain_sha256, stored_bytes, stored_sha256)))) => {
+    let hashed = hasher.await.map_err(|e| StreamError::Encode(e.to_string()));
+    let result = match (failure, read, encoded, hashed) {
+        (Some(f), _, _, _) => Err(f),
+        (None, Err(e), _, _) | (None, _, Err(e), _) | (None, _, _, Err(e)) => Err(e),
+        (None, Ok(Err(e)), _, _) => Err(StreamError::Read(e)),
+        (None, _, Ok(Err(e)), _) => Err(StreamError::Encode(e)),
+        (None, Ok(Ok(read)), Ok(Ok((stored_bytes, stored_sha256))), Ok((plain_bytes, plain_sha256))) => {
+            debug_assert_eq!(read, plain_bytes);
             let etags: Option<Vec<String>> = etags.into_iter().collect();
             match etags {
                 Some(etags) if etags.len() <= MAX_PARTS => Ok(PendingUpload {
@@ -359,6 +380,6 @@ mod tests {
     #[test]
     fn the_memory_bound_does_not_depend_on_the_input() {
         let c = cfg(8 << 20, 4);
-        assert_eq!(c.buffer_bound(0), (8 << 20) * 6 + 4 * CHUNK);
+        assert_eq!(c.buffer_bound(0), (8 << 20) * 6 + 9 * CHUNK);
     }
 }

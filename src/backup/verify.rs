@@ -121,6 +121,7 @@ async fn load_into(
         .spawn()
         .map_err(|e| VerifyError::Pg(format!("cannot run pg_restore: {e}")))?;
     let stdin = child.stdin.take().expect("piped");
+    crate::fsutil::grow_pipe(&stdin);
     let err_task = crate::pg::collect_stderr(child.stderr.take());
     progress(format!(
         "postgres: restoring backup {} ({} stored) into database {database}",
@@ -159,8 +160,7 @@ async fn load_into(
         "postgres: hashes {}; counting rows in {database}",
         if problems.is_empty() { "match" } else { "DIFFER" }
     ));
-    let client = target.connect(database, Duration::from_secs(30)).await?;
-    let actual = super::postgres::row_counts(&client).await?;
+    let actual = super::postgres::row_counts(&target, database, None, super::postgres::count_workers()).await?;
     let expected = run::row_counts(m);
     let mut tables = BTreeMap::new();
     for (t, e) in &expected {
