@@ -13,7 +13,7 @@
 # Usage: bench/backup.sh [GIB ...]   (as root, after dev/setup). 1 GiB takes a few minutes.
 sizes=("$@")
 [[ ${#sizes[@]} -gt 0 ]] || sizes=(1 4)
-source "$(dirname "$0")/lib/pgbox.sh"
+source "$(dirname "$0")/lib/pgbox.sh" "${sizes[@]}"
 mkdir -p "$work/s3/restic"
 in_box systemctl start caretaker.service
 results=()

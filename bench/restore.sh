@@ -9,7 +9,7 @@
 # file. Target: caretaker ≥ 0.9 × the local-file speed.
 # Usage: bench/restore.sh [GIB]   (as root, after dev/setup). Takes a few minutes.
 gb=${1:-1}
-source "$(dirname "$0")/lib/pgbox.sh"
+source "$(dirname "$0")/lib/pgbox.sh" "$gb"
 mkdir -p "$work/s3/restic"
 in_box systemctl start caretaker.service
 load_dataset "$gb"
@@ -43,7 +43,7 @@ rs=$(elapsed "$t"); rs_cpu=$(cpu_since "$c")
 echo
 echo "restore of database zmanim ($(( db_size / 1048576 )) MiB on disk)"
 printf '%-11s %9s %7s   %s\n' way wall CPU-s "speed vs local file"
-printf '%-11s %8ss %7s   %s\n' caretaker "$ct" "$ct_cpu" "$(ratio "$lf" "$ct")  (download, decrypt, hashes, row counts, swap, health gate)"
+printf '%-11s %8ss %7s   %s\n' caretaker "$ct" "$ct_cpu" "$(ratio "$lf" "$ct")  (download, decrypt, hashes, row counts, swap; no API in this box, so no health gate)"
 printf '%-11s %8ss %7s   %s\n' "local file" "$lf" "$lf_cpu" "1.00"
 printf '%-11s %8ss %7s   %s\n' restic "$rs" "$rs_cpu" "$(ratio "$lf" "$rs")"
 echo "caretaker's phases (seconds from the start):"

@@ -41,7 +41,11 @@ echo "building (release: what an image ships)..." >&2
 cargo build --release --workspace --bins --locked --quiet
 cargo build --workspace --bins --locked --quiet
 
-out=$(dev/lab up "$box" --owner $$)
+# The box lives on a tmpfs: room for the largest dataset asked (about 1.3 GiB of PostgreSQL files
+# and WAL per GiB asked, plus the local dump restore.sh keeps).
+biggest=1
+for a in "$@"; do [[ $a =~ ^[0-9]+$ ]] && (( a > biggest )) && biggest=$a; done
+out=$(LAB_BOX_SIZE="$(( 4 + 2 * (biggest - 1) ))G" dev/lab up "$box" --owner $$)
 pid1=$(sed -n 's/^pid1=//p' <<<"$out")
 in_box() { dev/lab exec "$box" "$@"; }
 netcurl() { nsenter -t "$pid1" -n -- curl -fsS "$@"; }
