@@ -41,6 +41,15 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ok: backed up: postgres") && stdout.contains("redis"), "{stdout}");
     assert!(stdout.contains("job backup-"), "progress lines name the job: {stdout}");
+    // Progress: elapsed time, bytes read and stored, and the rate (parts' lines come at most once
+    // a second: this backup is quicker than that, so its completion line carries them).
+    assert!(
+        stdout.lines().any(|l| l.starts_with('[')
+            && l.contains("postgres: backup ")
+            && l.contains(" stored in ")
+            && l.ends_with("/s")),
+        "{stdout}"
+    );
 
     let list = b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json");
     let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();

@@ -56,7 +56,7 @@ async fn a_round_trip_decrypts_with_the_stock_tools_and_stores_no_plaintext() {
         "caretaker/postgres/x/data.zst.age",
         out,
         cfg(Encryption::Recipients(vec![identity.to_public()])),
-        |_, _| {},
+        |_, _, _| {},
     )
     .await
     .unwrap();
@@ -98,7 +98,7 @@ async fn a_failed_producer_leaves_no_object_and_no_upload() {
     let mut child = producer("head -c 7000000 /dev/urandom; exit 3");
     let out = child.stdout.take().unwrap();
     let pending =
-        upload(&s3, "backups", "caretaker/redis/y/data.zst.age", out, cfg(Encryption::Passphrase(pass)), |_, _| {})
+        upload(&s3, "backups", "caretaker/redis/y/data.zst.age", out, cfg(Encryption::Passphrase(pass)), |_, _, _| {})
             .await
             .unwrap();
     let status = child.wait().await.unwrap();
@@ -120,7 +120,7 @@ async fn s3_unreachable_fails_in_bounded_time_with_a_clear_message() {
         "k",
         tokio::io::empty(),
         cfg(Encryption::Recipients(vec![age::x25519::Identity::generate().to_public()])),
-        |_, _| {},
+        |_, _, _| {},
     )
     .await
     .err()
@@ -298,7 +298,7 @@ async fn a_part_that_keeps_failing_aborts_the_upload_and_a_transient_failure_is_
     let s3 = s3_at(&format!("http://127.0.0.1:{}", proxy.port)).await;
     let mut child = producer("head -c 14000000 /dev/urandom");
     let out = child.stdout.take().unwrap();
-    let pending = upload(&s3, "backups", "caretaker/redis/ok/data.zst.age", out, cfg(recipients()), |_, _| {}).await;
+    let pending = upload(&s3, "backups", "caretaker/redis/ok/data.zst.age", out, cfg(recipients()), |_, _, _| {}).await;
     assert!(child.wait().await.unwrap().success());
     let pending = pending.expect("a transient part failure is retried");
     assert!(proxy.failed.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the fault was injected");
@@ -311,7 +311,7 @@ async fn a_part_that_keeps_failing_aborts_the_upload_and_a_transient_failure_is_
     let s3 = s3_at(&format!("http://127.0.0.1:{}", proxy.port)).await;
     let mut child = producer("head -c 14000000 /dev/urandom");
     let out = child.stdout.take().unwrap();
-    let err = upload(&s3, "backups", "caretaker/redis/bad/data.zst.age", out, cfg(recipients()), |_, _| {})
+    let err = upload(&s3, "backups", "caretaker/redis/bad/data.zst.age", out, cfg(recipients()), |_, _, _| {})
         .await
         .err()
         .expect("a part that never uploads fails the stream");

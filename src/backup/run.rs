@@ -150,10 +150,12 @@ pub async fn backup(
     let data_key = format!("{folder}{DATA}");
     let progress = std::sync::Arc::new(progress);
     let p = progress.clone();
-    let on_part = move |stored: u64, parts: usize| {
+    let on_part = move |read: u64, stored: u64, parts: usize| {
         p(format!(
-            "{kind} stored {} in {parts} parts",
+            "{kind}: {} read, {} stored in {parts} parts, {}",
+            crate::control::client::human_bytes(read),
             crate::control::client::human_bytes(stored),
+            crate::control::client::human_rate(read, clock.elapsed()),
             kind = kind.as_str()
         ))
     };
@@ -230,10 +232,12 @@ pub async fn backup(
     json.push(b'\n');
     s3.put_object(&bucket, &format!("{folder}{MANIFEST}"), json).await?;
     progress(format!(
-        "{}: backup {id} complete: {} → {} stored",
+        "{}: backup {id} complete: {} → {} stored in {:.1} s, {}",
         kind.as_str(),
         crate::control::client::human_bytes(manifest.plain_bytes),
-        crate::control::client::human_bytes(manifest.stored_bytes)
+        crate::control::client::human_bytes(manifest.stored_bytes),
+        clock.elapsed().as_secs_f64(),
+        crate::control::client::human_rate(manifest.plain_bytes, clock.elapsed())
     ));
     Ok(manifest)
 }

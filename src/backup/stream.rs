@@ -168,15 +168,15 @@ impl Write for PartWriter {
     }
 }
 
-/// Streams `source` into `s3://bucket/key` and leaves the upload pending. `progress(stored bytes,
-/// parts uploaded)` is called as parts finish.
+/// Streams `source` into `s3://bucket/key` and leaves the upload pending. `progress(plaintext
+/// bytes read, stored bytes, parts uploaded)` is called as parts finish.
 pub async fn upload<R>(
     s3: &S3,
     bucket: &str,
     key: &str,
     mut source: R,
     cfg: StreamConfig,
-    progress: impl Fn(u64, usize) + Send + 'static,
+    progress: impl Fn(u64, u64, usize) + Send + 'static,
 ) -> Result<PendingUpload, StreamError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -220,6 +220,8 @@ where
 
     // Reader: the producer's output in full chunks (read into uninitialised capacity: no zeroing),
     // each to the hasher and the encoder (the same bytes, shared).
+    let read_so_far = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read_counter = read_so_far.clone();
     let reader = tokio::spawn(async move {
         let mut total = 0u64;
         let mut buf = BytesMut::with_capacity(CHUNK);
@@ -233,6 +235,7 @@ where
             }
             if !buf.is_empty() {
                 total += buf.len() as u64;
+                read_counter.store(total, std::sync::atomic::Ordering::Relaxed);
                 let chunk = buf.split().freeze();
                 buf.reserve(CHUNK);
                 if hash_tx.send(chunk.clone()).await.is_err() || chunk_tx.send(chunk).await.is_err() {
@@ -280,7 +283,8 @@ where
                     Ok((_, Err(e))) => { failure.get_or_insert(StreamError::S3(e)); }
                     Err(e) => { failure.get_or_insert(StreamError::Encode(format!("upload task: {e}"))); }
                 }
-                progress(stored, etags.iter().filter(|e| e.is_some()).count());
+                let read = read_so_far.load(std::sync::atomic::Ordering::Relaxed);
+                progress(read, stored, etags.iter().filter(|e| e.is_some()).count());
             }
             else => break,
         }

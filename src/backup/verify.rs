@@ -137,9 +137,10 @@ async fn load_into(
         }
         *last = (Instant::now(), plain);
         progress(format!(
-            "postgres: restored {} of {}",
+            "postgres: restored {} of {}, {}",
             crate::control::client::human_bytes(plain),
-            crate::control::client::human_bytes(total)
+            crate::control::client::human_bytes(total),
+            crate::control::client::human_rate(plain, started.elapsed())
         ))
     })
     .await;

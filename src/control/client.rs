@@ -164,6 +164,12 @@ impl Client {
 }
 
 /// 1536 → "1.5 KiB".
+/// `n` bytes over `elapsed` as a rate: `98.2 MiB/s`.
+pub fn human_rate(n: u64, elapsed: std::time::Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    format!("{}/s", human_bytes((n as f64 / secs) as u64))
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
