@@ -1,44 +1,16 @@
 //! `caretaker firstboot` in lab boxes with loop devices as EBS volumes, the IMDSv2 fake and moto's
 //! SSM, all inside the box's private network.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use caretaker_testkit::lab::{BoxOptions, LabBox};
+use caretaker_testkit::lab::{BoxImds, BoxOptions, LabBox};
 use caretaker_testkit::moto::Moto;
 
 const IMDS_PORT: u16 = 1338;
 const SECRET_CLERK: &str = "sk_live_9f8e7d6c5b4a";
 const SECRET_DB: &str = "p4ss\"w$rd`x";
-
-/// The IMDSv2 fake, listening inside a box's network; killed on drop.
-struct Imds(Child);
-
-impl Imds {
-    fn start(b: &LabBox) -> Imds {
-        let bin = env!("CARGO_MANIFEST_DIR").to_string() + "/target/debug/imds-fake";
-        let mut child = b
-            .netns_command(&bin)
-            .args(["--listen", &format!("127.0.0.1:{IMDS_PORT}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start imds-fake (built by cargo build --workspace)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.contains("listening on"), "imds-fake: {line}");
-        Imds(child)
-    }
-}
-
-impl Drop for Imds {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn put_param(moto: &Moto, name: &str, value: &str, secure: bool) {
     let body = serde_json::json!({
@@ -70,7 +42,7 @@ struct Rig {
     dev: String,
     img: PathBuf,
     _dir: tempfile::TempDir,
-    _imds: Imds,
+    _imds: BoxImds,
     _moto: Moto,
 }
 
@@ -90,7 +62,7 @@ fn rig_with(prefix: &str, size: &str, prep: impl FnOnce(&Path), device_override:
     )
     .expect("lab box boots");
     let dev = b.volumes()[0].display().to_string();
-    let imds = Imds::start(&b);
+    let imds = BoxImds::start(&b, IMDS_PORT);
     let moto = Moto::start_in_netns(b.pid1()).expect("moto in the box's network");
     put_param(&moto, "/zmanim/prod/clerk-secret-key", SECRET_CLERK, true);
     put_param(&moto, "/zmanim/prod/db-password", SECRET_DB, true);

@@ -3,12 +3,11 @@
 //! the stand-in API sandboxed under its own user, and doctor against a box that is healthy, then
 //! one whose data volume was unmounted, then one whose SSM cannot be reached.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, SystemTime};
 
-use caretaker_testkit::lab::{BoxOptions, LabBox};
+use caretaker_testkit::lab::{BoxImds, BoxOptions, LabBox};
 use caretaker_testkit::moto::Moto;
 
 const CARETAKER_MAX_EXPOSURE: f64 = 5.0;
@@ -106,33 +105,6 @@ const BUCKET: &str = "doctor-backups";
 const RELEASES: &str = "doctor-releases";
 const SECRET: &str = "sk_live_doctor_0123";
 
-/// The IMDSv2 fake, listening inside a box's network; killed on drop.
-struct Imds(Child);
-
-impl Imds {
-    fn start(b: &LabBox) -> Imds {
-        let bin = env!("CARGO_MANIFEST_DIR").to_string() + "/target/debug/imds-fake";
-        let mut child = b
-            .netns_command(&bin)
-            .args(["--listen", &format!("127.0.0.1:{IMDS_PORT}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start imds-fake (built by cargo build --workspace)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.contains("listening on"), "imds-fake: {line}");
-        Imds(child)
-    }
-}
-
-impl Drop for Imds {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn aws_call(moto: &Moto, service: &str, headers: &[(&str, &str)], body: &str) {
     let auth = format!(
         "AWS4-HMAC-SHA256 Credential=testing/20260101/eu-west-1/{service}/aws4_request, SignedHeaders=host, Signature=0"
@@ -163,7 +135,7 @@ fn s3_put(moto: &Moto, path: &str, body: &[u8]) {
 struct Rig {
     b: LabBox,
     moto: Moto,
-    _imds: Imds,
+    _imds: BoxImds,
     _dir: tempfile::TempDir,
 }
 
@@ -177,7 +149,7 @@ fn rig() -> Rig {
     )
     .expect("lab box boots");
     let dev = b.volumes()[0].display().to_string();
-    let imds = Imds::start(&b);
+    let imds = BoxImds::start(&b, IMDS_PORT);
     let moto = Moto::start_in_netns(b.pid1()).expect("moto in the box's network");
     put_param(&moto, "/zmanim/prod/clerk-secret-key", SECRET);
     put_param(&moto, "/zmanim/prod/db-password", "doctor-db-pw");

@@ -424,6 +424,35 @@ fn resolve_inside(root: &Path, path: &Path) -> anyhow::Result<PathBuf> {
     Ok(resolved.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
 }
 
+/// The IMDSv2 fake (the `imds-fake` binary, built by `cargo build --workspace`) listening on
+/// 127.0.0.1:`port` inside a box's network namespace; killed on drop.
+pub struct BoxImds(std::process::Child);
+
+impl BoxImds {
+    pub fn start(b: &LabBox, port: u16) -> BoxImds {
+        use std::io::BufRead;
+        let bin = crate::repo_root().join("target/debug/imds-fake");
+        let mut child = b
+            .netns_command(&bin.to_string_lossy())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start imds-fake (built by cargo build --workspace)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("listening on"), "imds-fake: {line}");
+        BoxImds(child)
+    }
+}
+
+impl Drop for BoxImds {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
