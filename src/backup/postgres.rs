@@ -79,11 +79,18 @@ pub async fn row_counts(
 impl Snapshot {
     /// Opens the transaction, exports its snapshot and counts rows in it.
     pub async fn begin(target: &PgTarget, database: &str) -> Result<Snapshot, PgError> {
+        let mut snapshot = Snapshot::export(target, database).await?;
+        snapshot.row_counts = row_counts(target, database, Some(&snapshot.id), count_workers()).await?;
+        Ok(snapshot)
+    }
+
+    /// Opens the transaction and exports its snapshot, without counting yet: a backup counts
+    /// (with [`row_counts`] in [`Snapshot::id`]) while pg_dump already streams.
+    pub async fn export(target: &PgTarget, database: &str) -> Result<Snapshot, PgError> {
         let client = target.connect(database, Duration::from_secs(30)).await?;
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
         let id: String = client.query_one("SELECT pg_export_snapshot()", &[]).await?.get(0);
-        let row_counts = row_counts(target, database, Some(&id), count_workers()).await?;
-        Ok(Snapshot { client, id, row_counts })
+        Ok(Snapshot { client, id, row_counts: BTreeMap::new() })
     }
 
     /// Ends the transaction (after pg_dump has finished with the snapshot).

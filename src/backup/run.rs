@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::postgres::{Snapshot, pg_dump_args};
+use super::postgres::{Snapshot, count_workers, pg_dump_args};
 use super::stream::{Encryption, StreamConfig, upload};
 use crate::aws::s3::S3;
 use crate::config::Config;
@@ -164,29 +164,39 @@ pub async fn backup(
         Kind::Postgres => {
             let target = crate::supervise::supervisor::pg_target(cfg);
             let db = &cfg.backup.database;
-            progress(format!("postgres: exporting a snapshot of {db} and counting rows"));
+            progress(format!("postgres: exporting a snapshot of {db}"));
             let snapshot =
-                Snapshot::begin(&target, db).await.map_err(|e| BackupError::Setup(format!("postgres: {e}")))?;
+                Snapshot::export(&target, db).await.map_err(|e| BackupError::Setup(format!("postgres: {e}")))?;
             let mut child = target
                 .tool("pg_dump")
                 .map_err(|e| BackupError::Setup(e.to_string()))?
                 .args(pg_dump_args(&target, db, &snapshot.id))
                 .spawn()
                 .map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
-            progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}"));
+            progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}; counting rows"));
             let stdout = child.stdout.take().expect("piped");
             crate::fsutil::grow_pipe(&stdout);
             let err_task = crate::pg::collect_stderr(child.stderr.take());
-            let pending = upload(s3, &bucket, &data_key, stdout, stream_cfg.clone(), on_part).await;
+            // The exact row counts are taken in the same snapshot while pg_dump streams it.
+            let (pending, counts) = tokio::join!(
+                upload(s3, &bucket, &data_key, stdout, stream_cfg.clone(), on_part),
+                super::postgres::row_counts(&target, db, Some(&snapshot.id), count_workers())
+            );
             let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;
             let stderr = err_task.await.unwrap_or_default();
-            let counts = snapshot.row_counts.clone();
             let _ = snapshot.end().await;
             let pending = pending?;
             if !status.success() {
                 let _ = pending.abort().await;
                 return Err(BackupError::Producer { producer: "pg_dump".into(), status: status.to_string(), stderr });
             }
+            let counts = match counts {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = pending.abort().await;
+                    return Err(BackupError::Setup(format!("postgres: counting rows in the snapshot: {e}")));
+                }
+            };
             let details = serde_json::json!({ "database": db, "row_counts": counts });
             ("pg_dump".to_string(), tool_version("pg_dump").await, status, pending, details)
         }
