@@ -169,19 +169,10 @@ where
             };
             let mut z = zstd::stream::read::Decoder::new(decrypted).map_err(|e| FetchError::Damaged(e.to_string()))?;
             // The plaintext hash on a thread of its own, beside decryption and decompression.
-            let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
-            let hasher = std::thread::spawn(move || {
-                let mut plain = Sha256::new();
-                let mut plain_bytes = 0u64;
-                while let Ok(chunk) = hash_rx.recv() {
-                    plain.update(&chunk);
-                    plain_bytes += chunk.len() as u64;
-                }
-                (plain_bytes, hex::encode(plain.finalize()))
-            });
+            let (hash_tx, hash_rx) = mpsc::channel::<Bytes>(4);
+            let hasher = std::thread::spawn(move || super::stream::hash_chunks(hash_rx));
             let mut buf = BytesMut::new();
             loop {
-                buf.reserve(CHUNK);
                 // Read needs initialised memory: one zero-fill per chunk, small next to zstd.
                 buf.resize(CHUNK, 0);
                 let n = z.read(&mut buf).map_err(|e| FetchError::Damaged(e.to_string()))?;
@@ -190,7 +181,7 @@ where
                 }
                 buf.truncate(n);
                 let chunk = buf.split().freeze();
-                if hash_tx.send(chunk.clone()).is_err() {
+                if hash_tx.blocking_send(chunk.clone()).is_err() {
                     return Err(FetchError::Damaged("the hasher thread stopped".into()));
                 }
                 if out_tx.blocking_send(chunk).is_err() {

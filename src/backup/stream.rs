@@ -168,6 +168,18 @@ impl Write for PartWriter {
     }
 }
 
+/// The length and SHA-256 (hex) of every chunk `rx` yields until its senders are gone: the
+/// plaintext hash, run on a thread of its own beside the encoder or the decoder (a blocking call).
+pub(super) fn hash_chunks(mut rx: mpsc::Receiver<Bytes>) -> (u64, String) {
+    let mut hash = Sha256::new();
+    let mut bytes = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        hash.update(&chunk);
+        bytes += chunk.len() as u64;
+    }
+    (bytes, hex::encode(hash.finalize()))
+}
+
 /// Streams `source` into `s3://bucket/key` and leaves the upload pending. `progress(plaintext
 /// bytes read, stored bytes, parts uploaded)` is called as parts finish.
 pub async fn upload<R>(
@@ -188,16 +200,8 @@ where
     let (part_tx, mut part_rx) = mpsc::channel::<Bytes>(1);
 
     // Hasher thread: SHA-256 of the plaintext, beside the encoder (a core of its own when there is one).
-    let (hash_tx, mut hash_rx) = mpsc::channel::<Bytes>(4);
-    let hasher = tokio::task::spawn_blocking(move || {
-        let mut plain = Sha256::new();
-        let mut plain_bytes = 0u64;
-        while let Some(chunk) = hash_rx.blocking_recv() {
-            plain.update(&chunk);
-            plain_bytes += chunk.len() as u64;
-        }
-        (plain_bytes, hex::encode(plain.finalize()))
-    });
+    let (hash_tx, hash_rx) = mpsc::channel::<Bytes>(4);
+    let hasher = tokio::task::spawn_blocking(move || hash_chunks(hash_rx));
 
     // Encoder thread: plaintext chunks in, parts out.
     let enc_cfg = cfg.clone();
