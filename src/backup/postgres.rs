@@ -1,10 +1,10 @@
 //! PostgreSQL's side of a backup and of a verification: one snapshot for both the dump and exact
 //! row counts, and the comparison of a restored copy with those counts.
 //!
-//! A REPEATABLE READ, READ ONLY transaction exports its snapshot (`pg_export_snapshot()`), counts
-//! every table's rows exactly inside it, and stays open while `pg_dump --snapshot=…` dumps the very
-//! same data; so the counts in the manifest describe the dump exactly and a restore can be checked
-//! table by table.
+//! A REPEATABLE READ, READ ONLY transaction exports its snapshot (`pg_export_snapshot()`) and
+//! stays open while `pg_dump --snapshot=…` dumps it and connections that import it count every
+//! table's rows exactly; so the counts in the manifest describe the dump exactly and a restore can
+//! be checked table by table.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,12 +13,10 @@ use tokio_postgres::Client;
 
 use crate::pg::{PgError, PgTarget, quote_ident, quote_literal};
 
-/// A held-open snapshot and the row counts taken in it.
+/// A held-open, exported snapshot.
 pub struct Snapshot {
     client: Client,
     pub id: String,
-    /// `schema.table` → rows.
-    pub row_counts: BTreeMap<String, i64>,
 }
 
 /// Tables whose rows are counted: ordinary and partitioned tables outside the system schemas
@@ -77,20 +75,13 @@ pub async fn row_counts(
 }
 
 impl Snapshot {
-    /// Opens the transaction, exports its snapshot and counts rows in it.
-    pub async fn begin(target: &PgTarget, database: &str) -> Result<Snapshot, PgError> {
-        let mut snapshot = Snapshot::export(target, database).await?;
-        snapshot.row_counts = row_counts(target, database, Some(&snapshot.id), count_workers()).await?;
-        Ok(snapshot)
-    }
-
-    /// Opens the transaction and exports its snapshot, without counting yet: a backup counts
-    /// (with [`row_counts`] in [`Snapshot::id`]) while pg_dump already streams.
+    /// Opens the transaction and exports its snapshot; a backup then counts rows in it (with
+    /// [`row_counts`] in [`Snapshot::id`]) while pg_dump streams it.
     pub async fn export(target: &PgTarget, database: &str) -> Result<Snapshot, PgError> {
         let client = target.connect(database, Duration::from_secs(30)).await?;
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
         let id: String = client.query_one("SELECT pg_export_snapshot()", &[]).await?.get(0);
-        Ok(Snapshot { client, id, row_counts: BTreeMap::new() })
+        Ok(Snapshot { client, id })
     }
 
     /// Ends the transaction (after pg_dump has finished with the snapshot).
