@@ -5,20 +5,22 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Loaded, Sources};
-use crate::control::dbus::{Control, DaemonStatus, Request};
+use crate::control::dbus::{Control, Request};
 use crate::control::jobs::Jobs;
+use crate::control::wire::{DaemonStatus, ServiceStatus};
 use crate::control::{self, BUS_NAME, OBJECT_PATH};
 use crate::logging::LevelHandle;
 use crate::systemd::notify::Notifier;
+use crate::units::now_rfc3339;
 
 /// How long shutdown waits for in-flight work after cancelling it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -134,29 +136,22 @@ impl Daemon {
 /// (shared with jobs), the repair of an update interrupted by a crash, then supervision.
 async fn start_background(
     cfg: Arc<crate::config::Config>,
-    conn: zbus::Connection,
-    status: Arc<Mutex<DaemonStatus>>,
+    systemd: Option<crate::systemd::manager::Systemd>,
+    services: watch::Sender<Vec<ServiceStatus>>,
     jobs: Arc<Jobs>,
     cancel: CancellationToken,
 ) {
     let alerts = build_alerts(&cfg).await;
     jobs.set_alerts(alerts.clone());
-    let systemd = match crate::systemd::manager::Systemd::new(&conn).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            error!("cannot talk to systemd: {e}");
-            None
-        }
-    };
     reconcile_releases(&cfg, systemd.as_ref()).await;
     if cfg.backup.bucket.is_some() {
         // Leftovers of a killed restore or drill; postgres may come up only once supervision starts it.
         let cfg = cfg.clone();
         tokio::spawn(async move {
             for _ in 0..60 {
-                let target = crate::supervise::supervisor::pg_target(&cfg);
+                let target = crate::pg::PgTarget::new(&cfg.services.postgres);
                 if target.connect("postgres", Duration::from_secs(5)).await.is_ok() {
-                    for line in crate::restore::cleanup_leftovers(&cfg).await {
+                    for line in crate::backup::restore::cleanup_leftovers(&cfg).await {
                         warn!("{line}");
                     }
                     return;
@@ -167,7 +162,7 @@ async fn start_background(
     }
     match systemd {
         Some(systemd) if cfg.supervise.enabled => {
-            crate::supervise::supervisor::supervise(cfg, systemd, alerts, status, cancel).await
+            crate::supervise::supervisor::supervise(cfg, systemd, alerts, services, cancel).await
         }
         None if cfg.supervise.enabled => error!("supervision disabled: cannot talk to systemd"),
         _ => info!("supervision is off (supervise.enabled = false)"),
@@ -242,7 +237,7 @@ async fn abort_stale_uploads(cfg: &crate::config::Config) {
 /// Alerts with an SES mailer when `notify.sender` is set. The region comes from the config, the
 /// instance.env firstboot wrote, or IMDS.
 pub async fn build_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts {
-    let var = crate::boot::firstboot::instance_var;
+    let var = crate::envfile::instance_var;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let origin = match var("INSTANCE_ID") {
         Some(id) => format!("{id} ({host})"),
@@ -251,17 +246,11 @@ pub async fn build_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts 
     let mailer = match &cfg.notify.sender {
         None => None,
         Some(from) => {
-            let region = match cfg.aws.region.clone().or_else(|| var("REGION")) {
-                Some(r) => Some(r),
-                None => {
-                    let imds = crate::aws::imds::ImdsClient::new(&cfg.aws.imds_endpoint, cfg.aws.imds_deadline.get());
-                    match imds.identity_document().await {
-                        Ok(doc) => Some(doc.region),
-                        Err(e) => {
-                            error!("alert emails disabled: no region (set aws.region): {e}");
-                            None
-                        }
-                    }
+            let region = match crate::aws::region::resolve(&cfg.aws).await {
+                Ok(r) => Some(r.name),
+                Err(e) => {
+                    error!("alert emails disabled: {e}");
+                    None
                 }
             };
             match region {
@@ -278,10 +267,6 @@ pub async fn build_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts 
         }
     };
     crate::notify::Alerts::new(mailer, &cfg.notify.subject_prefix, &origin, cfg.notify.max_per_hour)
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 fn file_list(files: &[PathBuf]) -> Vec<String> {
@@ -324,12 +309,16 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     let bus_err = |source| DaemonError::Bus { address: address.clone(), source };
     let cancel = CancellationToken::new();
     let jobs = Jobs::new(cancel.child_token());
+    let job_events = jobs.events();
+    let (services_tx, services_rx) = watch::channel(Vec::<ServiceStatus>::new());
     let shared_config = Arc::new(std::sync::RwLock::new(loaded.config.clone()));
     let connection = control::connect(address.as_deref())
         .await
         .and_then(|b| {
-            b.name(BUS_NAME)?
-                .serve_at(OBJECT_PATH, Control::new(status.clone(), req_tx, jobs.clone(), shared_config.clone()))
+            b.name(BUS_NAME)?.serve_at(
+                OBJECT_PATH,
+                Control::new(status.clone(), services_rx.clone(), req_tx, jobs.clone(), shared_config.clone()),
+            )
         })
         .map_err(bus_err)?
         .build()
@@ -347,7 +336,17 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     daemon.notifier.ready(&daemon.summary());
     let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
 
-    jobs.set_emitter(iface.signal_emitter().clone());
+    let forwarder = tokio::spawn(crate::control::dbus::forward_job_events(iface.signal_emitter().clone(), job_events));
+    let systemd = match crate::systemd::manager::Systemd::new(&connection).await {
+        Ok(s) => {
+            jobs.set_systemd(s.clone());
+            Some(s)
+        }
+        Err(e) => {
+            error!("cannot talk to systemd: {e}");
+            None
+        }
+    };
     // Background work (supervision, jobs) runs in these tasks and is cancelled on shutdown.
     let mut tasks: JoinSet<()> = JoinSet::new();
     if daemon.loaded.config.backup.bucket.is_some() {
@@ -357,12 +356,12 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     {
         let (config, jobs, status, cancel) =
             (daemon.shared_config.clone(), jobs.clone(), daemon.status.clone(), cancel.clone());
-        tasks.spawn(async move { crate::backup::scheduler::run(config, jobs, status, cancel).await });
+        tasks.spawn(async move { crate::control::scheduler::run(config, jobs, status, cancel).await });
     }
     {
         let cfg = Arc::new(daemon.loaded.config.clone());
-        let (conn, status, jobs, cancel) = (connection.clone(), daemon.status.clone(), jobs.clone(), cancel.clone());
-        tasks.spawn(async move { start_background(cfg, conn, status, jobs, cancel).await });
+        let (jobs, cancel) = (jobs.clone(), cancel.clone());
+        tasks.spawn(async move { start_background(cfg, systemd, services_tx, jobs, cancel).await });
     }
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -395,10 +394,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
                 }
             },
             _ = status_tick.tick() => {
-                let summary = {
-                    let s = daemon.status.lock().unwrap_or_else(|p| p.into_inner());
-                    crate::supervise::supervisor::summary(&s.services)
-                };
+                let summary = crate::supervise::supervisor::summary(&services_rx.borrow());
                 if summary != last_summary && daemon.state == DaemonState::Running {
                     daemon.notifier.status(&format!("running: {summary}"));
                     last_summary = summary;
@@ -425,6 +421,9 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         warn!("in-flight work did not stop within {SHUTDOWN_GRACE:?}; aborting it");
         tasks.abort_all();
     }
+    // The last job signals (a cancelled job's JobFinished) go out before the bus connection closes.
+    jobs.close_events();
+    let _ = tokio::time::timeout(Duration::from_secs(1), forwarder).await;
     drop(connection);
     info!("caretaker daemon stopped");
     Ok(())
@@ -436,13 +435,19 @@ mod tests {
 
     #[test]
     fn transitions() {
-        assert!(Starting.can_become(Running));
-        assert!(Running.can_become(Reloading));
-        assert!(Reloading.can_become(Running));
-        assert!(Starting.can_become(Stopping));
-        assert!(Running.can_become(Stopping));
-        assert!(!Running.can_become(Starting));
-        assert!(!Starting.can_become(Reloading));
-        assert!(!Stopping.can_become(Running));
+        let allowed = [
+            (Starting, Running),
+            (Running, Reloading),
+            (Reloading, Running),
+            (Starting, Stopping),
+            (Running, Stopping),
+        ];
+        let refused = [(Running, Starting), (Starting, Reloading), (Stopping, Running)];
+        for (from, to) in allowed {
+            assert!(from.can_become(to), "{from:?} → {to:?}");
+        }
+        for (from, to) in refused {
+            assert!(!from.can_become(to), "{from:?} → {to:?}");
+        }
     }
 }

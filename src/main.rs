@@ -177,7 +177,7 @@ async fn restore_list_kept(sources: &Sources, json: bool) -> u8 {
             return exit::USAGE;
         }
     };
-    match caretaker::restore::list_kept(&cfg).await {
+    match caretaker::backup::restore::list_kept(&cfg).await {
         Ok(kept) if json => {
             println!("{}", serde_json::to_string_pretty(&kept).unwrap_or_default());
             exit::OK
@@ -187,12 +187,7 @@ async fn restore_list_kept(sources: &Sources, json: bool) -> u8 {
                 println!("no databases kept by restores");
             }
             for k in kept {
-                println!(
-                    "{}  {}  {}",
-                    k.name,
-                    caretaker::control::client::human_bytes(k.bytes.max(0) as u64),
-                    k.comment
-                );
+                println!("{}  {}  {}", k.name, caretaker::units::human_bytes(k.bytes.max(0) as u64), k.comment);
             }
             exit::OK
         }
@@ -211,7 +206,7 @@ async fn restore_drop_kept(sources: &Sources, name: &str) -> u8 {
             return exit::USAGE;
         }
     };
-    match caretaker::restore::drop_kept(&cfg, name).await {
+    match caretaker::backup::restore::drop_kept(&cfg, name).await {
         Ok(()) => {
             println!("dropped {name}");
             exit::OK
@@ -265,10 +260,7 @@ async fn backup_list(sources: &Sources, kind: &str, json: bool) -> u8 {
         }
     };
     use caretaker::backup::run::{self, Kind};
-    let kinds: Vec<Kind> = match kind {
-        "all" => vec![Kind::Postgres, Kind::Redis],
-        k => Kind::parse(k).into_iter().collect(),
-    };
+    let kinds: Vec<Kind> = Kind::parse_set(kind).unwrap_or_default();
     let s3 = match run::s3_for(&cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -296,8 +288,8 @@ async fn backup_list(sources: &Sources, kind: &str, json: bool) -> u8 {
                 "{:<8} {}  {:>10} → {:>10}  {}",
                 m.kind.as_str(),
                 m.id,
-                caretaker::control::client::human_bytes(m.plain_bytes),
-                caretaker::control::client::human_bytes(m.stored_bytes),
+                caretaker::units::human_bytes(m.plain_bytes),
+                caretaker::units::human_bytes(m.stored_bytes),
                 m.finished_at
             );
         }

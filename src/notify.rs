@@ -5,12 +5,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::aws::ses::SesClient;
+use crate::units::now_rfc3339;
 
 /// What an alert says. Plain text; no secrets ever go in here.
 #[derive(Debug, Clone)]
@@ -53,10 +54,6 @@ pub struct Alerts {
     origin: String,
     max_per_hour: u32,
     retry: Duration,
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 impl Alerts {

@@ -39,6 +39,18 @@ pub struct PgTarget {
 }
 
 impl PgTarget {
+    /// The configured PostgreSQL service, as caretaker connects to it.
+    pub fn new(p: &crate::config::PostgresService) -> Self {
+        PgTarget { socket_dir: p.socket_dir.clone(), port: p.port, user: p.user.clone() }
+    }
+
+    /// Drops `database` if it exists, ending its sessions.
+    pub async fn drop_database(&self, database: &str) -> Result<(), PgError> {
+        let admin = self.connect("postgres", Duration::from_secs(30)).await?;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(database))).await?;
+        Ok(())
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.socket_dir.join(format!(".s.PGSQL.{}", self.port))
     }

@@ -6,29 +6,13 @@ use std::io::Read;
 use caretaker_testkit::lab::{BoxOptions, LabBox};
 use caretaker_testkit::moto::Moto;
 
-const TEST_CREDENTIALS: &[(&str, &str)] = &[("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
-
-fn s3_auth() -> (&'static str, &'static str) {
-    (
-        "Authorization",
-        "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0",
-    )
-}
-
 #[test]
 fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_them() {
     let b = LabBox::start("bk-now", BoxOptions::default()).expect("lab box boots");
     let moto = Moto::start_in_netns(b.pid1()).expect("moto");
-    let r = moto.request("PUT", "/backups", &[s3_auth()], b"").unwrap();
-    assert_eq!(r.status, 200, "create bucket: {}", r.text());
+    moto.create_bucket("backups").unwrap();
     let identity = age::x25519::Identity::generate();
-    let config = format!(
-        "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{}\"\n[backup]\nbucket = \"backups\"\ndatabase = \"zmanim\"\nrecipients = [\"{}\"]\npart-size = 5242880\n",
-        moto.endpoint(),
-        identity.to_public()
-    );
-    b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
-    b.set_unit_env("caretaker.service", TEST_CREDENTIALS).unwrap();
+    b.configure_backups(&moto.endpoint(), Some(&identity.to_public().to_string()), "part-size = 5242880\n").unwrap();
     b.sh_ok(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
          runuser -u postgres -- psql -d zmanim -qc \"create table cities(id int primary key, name text); \
@@ -64,7 +48,7 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     // The stored object is the manifest's: hash, then decrypt + decompress to a custom-format dump.
     let id = pg["id"].as_str().unwrap();
     let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
-    let obj = moto.request("GET", &key, &[s3_auth()], b"").unwrap();
+    let obj = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap();
     assert_eq!(obj.status, 200);
     use sha2::Digest;
     assert_eq!(hex::encode(sha2::Sha256::digest(&obj.body)), pg["stored_sha256"].as_str().unwrap());
@@ -81,20 +65,15 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
 fn uploads_left_by_a_killed_daemon_are_aborted_at_start() {
     let b = LabBox::start("bk-stale", BoxOptions { services: false, ..Default::default() }).expect("lab box boots");
     let moto = Moto::start_in_netns(b.pid1()).expect("moto");
-    assert_eq!(moto.request("PUT", "/backups", &[s3_auth()], b"").unwrap().status, 200);
+    moto.create_bucket("backups").unwrap();
     // What a daemon killed mid-backup leaves: an upload with a part, never completed.
     let create = moto
-        .request("POST", "/backups/caretaker/postgres/2026/11/22/x/data.zst.age?uploads", &[s3_auth()], b"")
+        .request("POST", "/backups/caretaker/postgres/2026/11/22/x/data.zst.age?uploads", &[Moto::s3_auth()], b"")
         .unwrap();
     assert_eq!(create.status, 200, "{}", create.text());
-    let listed = |m: &Moto| m.request("GET", "/backups?uploads", &[s3_auth()], b"").unwrap().text();
+    let listed = |m: &Moto| m.request("GET", "/backups?uploads", &[Moto::s3_auth()], b"").unwrap().text();
     assert!(listed(&moto).contains("<UploadId>"), "{}", listed(&moto));
-    let config = format!(
-        "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{}\"\n[backup]\nbucket = \"backups\"\n",
-        moto.endpoint()
-    );
-    b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
-    b.set_unit_env("caretaker.service", TEST_CREDENTIALS).unwrap();
+    b.configure_backups(&moto.endpoint(), None, "").unwrap();
     b.sh_ok("systemctl daemon-reload && systemctl start caretaker");
     let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while listed(&moto).contains("<UploadId>") {
@@ -113,18 +92,12 @@ fn uploads_left_by_a_killed_daemon_are_aborted_at_start() {
 fn drill_rig(prefix: &str) -> (LabBox, Moto) {
     let b = LabBox::start(prefix, BoxOptions::default()).expect("lab box boots");
     let moto = Moto::start_in_netns(b.pid1()).expect("moto");
-    assert_eq!(moto.request("PUT", "/backups", &[s3_auth()], b"").unwrap().status, 200);
+    moto.create_bucket("backups").unwrap();
     let identity = age::x25519::Identity::generate();
-    let config = format!(
-        "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{}\"\n[backup]\nbucket = \"backups\"\ndatabase = \"zmanim\"\nrecipients = [\"{}\"]\n",
-        moto.endpoint(),
-        identity.to_public()
-    );
-    b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
+    b.configure_backups(&moto.endpoint(), Some(&identity.to_public().to_string()), "").unwrap();
     use age::secrecy::ExposeSecret;
     let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", identity.to_string().expose_secret());
     b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
-    b.set_unit_env("caretaker.service", TEST_CREDENTIALS).unwrap();
     b.sh_ok(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
          runuser -u postgres -- psql -d zmanim -qc \"create extension postgis; \
@@ -167,7 +140,7 @@ fn ses_for(b: &LabBox) -> Moto {
 
 fn verify_json(moto: &Moto, kind: &str, id: &str) -> serde_json::Value {
     let key = format!("/backups/caretaker/{kind}/{}/{}/{}/{id}/verify.json", &id[0..4], &id[4..6], &id[6..8]);
-    let r = moto.request("GET", &key, &[s3_auth()], b"").unwrap();
+    let r = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap();
     assert_eq!(r.status, 200, "{key}: {}", r.text());
     serde_json::from_slice(&r.body).unwrap()
 }
@@ -205,10 +178,10 @@ fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
 
     // One byte altered in the stored object: the drill fails during the stream, says so, records it.
     let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
-    let mut obj = moto.request("GET", &key, &[s3_auth()], b"").unwrap().body;
+    let mut obj = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().body;
     let mid = obj.len() / 2;
     obj[mid] ^= 0x01;
-    assert_eq!(moto.request("PUT", &key, &[s3_auth()], &obj).unwrap().status, 200);
+    assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], &obj).unwrap().status, 200);
     let out = b.sh(&format!("caretaker backup verify {id}"));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -254,12 +227,12 @@ fn a_missed_scheduled_backup_runs_soon_after_start_then_retention_and_status_sho
     assert_eq!(schedule["backup_schedule"], "03:00");
     assert!(schedule["next_backup"].as_str().unwrap().ends_with("03:00:00Z"), "{schedule:#}");
     assert!(schedule["next_verify"].is_null(), "verify is off: {schedule:#}");
-    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
+    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[Moto::s3_auth()], b"").unwrap().text();
     assert_eq!(list.matches("manifest.json").count(), 2, "postgres and redis backed up: {list}");
     // Recorded: a restart does not back up again.
     b.sh_ok("systemctl restart caretaker");
     std::thread::sleep(std::time::Duration::from_secs(4));
-    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
+    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[Moto::s3_auth()], b"").unwrap().text();
     assert_eq!(list.matches("manifest.json").count(), 2, "no second catch-up: {list}");
 }
 
@@ -299,7 +272,7 @@ fn pg_dump_killed_mid_stream_publishes_nothing_aborts_the_upload_and_sends_one_e
     let out = b.sh_ok("cat /run/bk.out");
     assert!(out.contains("FAILED") && out.contains("pg_dump"), "{out}");
     assert_eq!(latest(), before, "nothing was published: the previous latest is still the latest");
-    let uploads = moto.request("GET", "/backups?uploads", &[s3_auth()], b"").unwrap().text();
+    let uploads = moto.request("GET", "/backups?uploads", &[Moto::s3_auth()], b"").unwrap().text();
     assert!(!uploads.contains("<UploadId>"), "the multipart upload was aborted: {uploads}");
     let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let subjects = loop {
@@ -333,7 +306,7 @@ fn a_daemon_killed_mid_backup_leaves_no_stale_upload_after_restart_and_the_next_
          insert into blobs select g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text) from generate_series(1, 1500000) g\"",
     );
     b.sh_ok("systemd-run --unit=bk-dkill-cli --collect caretaker backup now --kind postgres");
-    let uploads = || moto.request("GET", "/backups?uploads", &[s3_auth()], b"").unwrap().text();
+    let uploads = || moto.request("GET", "/backups?uploads", &[Moto::s3_auth()], b"").unwrap().text();
     let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !uploads().contains("<UploadId>") {
         assert!(
@@ -350,7 +323,7 @@ fn a_daemon_killed_mid_backup_leaves_no_stale_upload_after_restart_and_the_next_
         assert!(std::time::Instant::now() < end, "a stale upload remains: {}", uploads());
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
-    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[s3_auth()], b"").unwrap().text();
+    let list = moto.request("GET", "/backups?list-type=2&prefix=caretaker/", &[Moto::s3_auth()], b"").unwrap().text();
     assert!(!list.contains("manifest.json"), "the killed backup published nothing: {list}");
     let out = b.sh("caretaker backup now --kind postgres");
     assert!(out.status.success(), "the next backup succeeds: {}", String::from_utf8_lossy(&out.stdout));

@@ -12,29 +12,6 @@ const IMDS_PORT: u16 = 1338;
 const SECRET_CLERK: &str = "sk_live_9f8e7d6c5b4a";
 const SECRET_DB: &str = "p4ss\"w$rd`x";
 
-fn put_param(moto: &Moto, name: &str, value: &str, secure: bool) {
-    let body = serde_json::json!({
-        "Name": name, "Value": value, "Type": if secure { "SecureString" } else { "String" }, "Overwrite": true
-    })
-    .to_string();
-    let r = moto
-        .request(
-            "POST",
-            "/",
-            &[
-                ("Content-Type", "application/x-amz-json-1.1"),
-                ("X-Amz-Target", "AmazonSSM.PutParameter"),
-                (
-                    "Authorization",
-                    "AWS4-HMAC-SHA256 Credential=testing/20260101/eu-west-1/ssm/aws4_request, SignedHeaders=host, Signature=0",
-                ),
-            ],
-            body.as_bytes(),
-        )
-        .expect("PutParameter");
-    assert_eq!(r.status, 200, "PutParameter {name}: {}", r.text());
-}
-
 /// A booted box with one loop volume of `size` (backing file prepared by `prep`), the fakes, and
 /// a caretaker config pointing at them.
 struct Rig {
@@ -64,9 +41,9 @@ fn rig_with(prefix: &str, size: &str, prep: impl FnOnce(&Path), device_override:
     let dev = b.volumes()[0].display().to_string();
     let imds = BoxImds::start(&b, IMDS_PORT);
     let moto = Moto::start_in_netns(b.pid1()).expect("moto in the box's network");
-    put_param(&moto, "/zmanim/prod/clerk-secret-key", SECRET_CLERK, true);
-    put_param(&moto, "/zmanim/prod/db-password", SECRET_DB, true);
-    put_param(&moto, "/zmanim/prod/config", "LOG_LEVEL=info\nFEATURE_X=on\n", false);
+    moto.put_parameter("eu-west-1", "/zmanim/prod/clerk-secret-key", SECRET_CLERK, true).unwrap();
+    moto.put_parameter("eu-west-1", "/zmanim/prod/db-password", SECRET_DB, true).unwrap();
+    moto.put_parameter("eu-west-1", "/zmanim/prod/config", "LOG_LEVEL=info\nFEATURE_X=on\n", false).unwrap();
     let config = format!(
         r#"[aws]
 region = "eu-west-1"
@@ -236,17 +213,22 @@ fn a_partition_table_is_refused() {
     );
 }
 
+/// Writes `bytes` at `offset` of the image file `img`.
+fn write_at(img: &Path, offset: u64, bytes: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
 #[test]
 fn a_luks_header_is_refused() {
     assert_refused(
         "fb-luks",
         |img| {
-            use std::io::{Seek, SeekFrom, Write};
-            let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-            f.seek(SeekFrom::Start(0)).unwrap();
             let mut hdr = b"LUKS\xba\xbe\x00\x01aes\0\0\0\0".to_vec();
             hdr.resize(592, 0);
-            f.write_all(&hdr).unwrap();
+            write_at(img, 0, &hdr);
         },
         "LUKS",
     );
@@ -257,10 +239,7 @@ fn unrecognised_data_without_a_signature_is_refused() {
     assert_refused(
         "fb-junk",
         |img| {
-            use std::io::{Seek, SeekFrom, Write};
-            let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-            f.seek(SeekFrom::Start(200_000)).unwrap();
-            f.write_all(&[0x5a; 4096]).unwrap();
+            write_at(img, 200_000, &[0x5a; 4096]);
         },
         "non-zero data",
     );

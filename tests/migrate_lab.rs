@@ -10,27 +10,6 @@ use caretaker_testkit::moto::Moto;
 
 const URL: &str = "postgres://migrator:m1gr8-pw@127.0.0.1:5433/zsrc";
 
-fn put_param(moto: &Moto, name: &str, value: &str) {
-    let body =
-        serde_json::json!({ "Name": name, "Value": value, "Type": "SecureString", "Overwrite": true }).to_string();
-    let r = moto
-        .request(
-            "POST",
-            "/",
-            &[
-                ("Content-Type", "application/x-amz-json-1.1"),
-                ("X-Amz-Target", "AmazonSSM.PutParameter"),
-                (
-                    "Authorization",
-                    "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ssm/aws4_request, SignedHeaders=host, Signature=0",
-                ),
-            ],
-            body.as_bytes(),
-        )
-        .expect("PutParameter");
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
 fn psql(b: &LabBox, port: u16, db: &str, sql: &str) -> String {
     b.sh_ok(&format!("runuser -u postgres -- psql -p {port} -d {db} -Atc \"{sql}\"")).trim().to_string()
 }
@@ -47,7 +26,7 @@ fn fingerprint(b: &LabBox, port: u16, db: &str) -> String {
 fn rig(prefix: &str, rows: u32) -> (LabBox, Moto) {
     let b = LabBox::start(prefix, BoxOptions::default()).expect("lab box boots");
     let moto = Moto::start_in_netns(b.pid1()).expect("moto");
-    put_param(&moto, "/zmanim/prod/migrate-source", URL);
+    moto.put_parameter("us-east-1", "/zmanim/prod/migrate-source", URL, true).unwrap();
     let config = format!(
         "[aws]\nregion = \"us-east-1\"\nssm-endpoint = \"{}\"\n[backup]\ndatabase = \"zmanim\"\n",
         moto.endpoint()

@@ -7,32 +7,18 @@ use std::time::{Duration, Instant};
 use caretaker_testkit::lab::{BoxOptions, LabBox};
 use caretaker_testkit::moto::Moto;
 
-const CREDENTIALS: &[(&str, &str)] = &[("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
-
-fn s3_auth() -> (&'static str, &'static str) {
-    (
-        "Authorization",
-        "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0",
-    )
-}
-
 /// postgres + redis + the API running, caretaker backing up to moto for an age recipient whose
 /// identity is in the env file, and `rows` cities (with PostGIS points) in database zmanim.
 fn rig(prefix: &str, rows: u32) -> (LabBox, Moto) {
     let b = LabBox::start(prefix, BoxOptions::default()).expect("lab box boots");
     let moto = Moto::start_in_netns(b.pid1()).expect("moto");
-    assert_eq!(moto.request("PUT", "/backups", &[s3_auth()], b"").unwrap().status, 200);
+    moto.create_bucket("backups").unwrap();
     let identity = age::x25519::Identity::generate();
-    let config = format!(
-        "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{}\"\n[backup]\nbucket = \"backups\"\ndatabase = \"zmanim\"\nrecipients = [\"{}\"]\n[release]\nhealth-gate-consecutive = 2\nhealth-gate-timeout = \"10s\"\n",
-        moto.endpoint(),
-        identity.to_public()
-    );
-    b.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644).unwrap();
+    let release = "[release]\nhealth-gate-consecutive = 2\nhealth-gate-timeout = \"10s\"\n";
+    b.configure_backups(&moto.endpoint(), Some(&identity.to_public().to_string()), release).unwrap();
     use age::secrecy::ExposeSecret;
     let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", identity.to_string().expose_secret());
     b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
-    b.set_unit_env("caretaker.service", CREDENTIALS).unwrap();
     b.sh_ok(&format!(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
          runuser -u postgres -- psql -d zmanim -qc \"create extension postgis; \
@@ -103,10 +89,10 @@ fn a_backup_altered_by_one_byte_is_refused_during_the_stream_and_the_live_data_i
     let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
     let id = manifests[0]["id"].as_str().unwrap();
     let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
-    let mut obj = moto.request("GET", &key, &[s3_auth()], b"").unwrap().body;
+    let mut obj = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().body;
     let at = obj.len() * 2 / 3;
     obj[at] ^= 0x40;
-    assert_eq!(moto.request("PUT", &key, &[s3_auth()], &obj).unwrap().status, 200);
+    assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], &obj).unwrap().status, 200);
 
     let out = b.sh("caretaker restore postgres --backup latest");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -201,7 +187,7 @@ fn a_failed_redis_restore_puts_the_old_data_back() {
     let id = m["id"].as_str().unwrap().to_string();
     m["details"]["dbsize"] = serde_json::json!(999);
     let key = format!("/backups/caretaker/redis/{}/{}/{}/{id}/manifest.json", &id[0..4], &id[4..6], &id[6..8]);
-    assert_eq!(moto.request("PUT", &key, &[s3_auth()], m.to_string().as_bytes()).unwrap().status, 200);
+    assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], m.to_string().as_bytes()).unwrap().status, 200);
 
     let out = b.sh("caretaker restore redis");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

@@ -115,16 +115,6 @@ fn aws_call(moto: &Moto, service: &str, headers: &[(&str, &str)], body: &str) {
     assert_eq!(r.status, 200, "{service} {body}: {}", r.text());
 }
 
-fn put_param(moto: &Moto, name: &str, value: &str) {
-    let body = serde_json::json!({ "Name": name, "Value": value, "Type": "SecureString", "Overwrite": true });
-    aws_call(
-        moto,
-        "ssm",
-        &[("Content-Type", "application/x-amz-json-1.1"), ("X-Amz-Target", "AmazonSSM.PutParameter")],
-        &body.to_string(),
-    );
-}
-
 fn s3_put(moto: &Moto, path: &str, body: &[u8]) {
     let r = moto.request("PUT", path, &[], body).expect("S3 PUT");
     assert_eq!(r.status, 200, "PUT {path}: {}", r.text());
@@ -151,9 +141,9 @@ fn rig() -> Rig {
     let dev = b.volumes()[0].display().to_string();
     let imds = BoxImds::start(&b, IMDS_PORT);
     let moto = Moto::start_in_netns(b.pid1()).expect("moto in the box's network");
-    put_param(&moto, "/zmanim/prod/clerk-secret-key", SECRET);
-    put_param(&moto, "/zmanim/prod/db-password", "doctor-db-pw");
-    put_param(&moto, "/zmanim/prod/config", "LOG_LEVEL=info\n");
+    moto.put_parameter("eu-west-1", "/zmanim/prod/clerk-secret-key", SECRET, true).unwrap();
+    moto.put_parameter("eu-west-1", "/zmanim/prod/db-password", "doctor-db-pw", true).unwrap();
+    moto.put_parameter("eu-west-1", "/zmanim/prod/config", "LOG_LEVEL=info\n", true).unwrap();
     aws_call(
         &moto,
         "ses",

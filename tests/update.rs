@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use caretaker::aws::s3::S3;
 use caretaker::config::{AwsConfig, Config, Seconds};
+use caretaker::health::Probe;
 use caretaker::notify::{Alerts, Mailer};
 use caretaker::release::layout::{Install, Phase, State};
 use caretaker::release::{Outcome, Target, UpdateError, UpdateRequest, reconcile, update, validate_version};
-use caretaker::supervise::health::Probe;
 use caretaker_testkit::moto::Moto;
 use caretaker_testkit::ports::{free_port, http_get};
 use ed25519_dalek::{Signer, SigningKey};
@@ -232,6 +232,18 @@ fn spawn_api(exe: &Path, port: u16, control: &Path) -> anyhow::Result<Child> {
 
 fn to(version: &str) -> UpdateRequest {
     UpdateRequest { target: Target::Version(version.into()), dry_run: false }
+}
+
+/// moto with v1 and v2 published and a test API already updated to v1.
+async fn on_v1_with_v2_published() -> (Moto, S3, Api, Config) {
+    let moto = Moto::start().unwrap();
+    let s3 = bucket(&moto).await;
+    publish(&s3, "v1", false).await;
+    publish(&s3, "v2", false).await;
+    let api = Api::new();
+    let cfg = api.config();
+    run(&api, &cfg, &s3, &to("v1")).await.unwrap();
+    (moto, s3, api, cfg)
 }
 
 async fn run(api: &Api, cfg: &Config, s3: &S3, request: &UpdateRequest) -> Result<Outcome, UpdateError> {
@@ -492,13 +504,7 @@ async fn proxy(upstream: Option<u16>, cut_after: usize) -> Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_cut_midway_leaves_no_temporary_file_and_switches_nothing() {
-    let moto = Moto::start().unwrap();
-    let s3 = bucket(&moto).await;
-    publish(&s3, "v1", false).await;
-    publish(&s3, "v2", false).await;
-    let api = Api::new();
-    let cfg = api.config();
-    run(&api, &cfg, &s3, &to("v1")).await.unwrap();
+    let (moto, _s3, api, cfg) = on_v1_with_v2_published().await;
     let (pid, restarts, tree) = (api.pid(), api.restarts(), api.tree());
 
     let cut = proxy(Some(moto.port()), 1 << 20).await;
@@ -534,13 +540,7 @@ async fn invalid_versions_are_rejected_before_any_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_repairs_an_unverified_current_and_an_update_cut_between_switch_and_gate() {
-    let moto = Moto::start().unwrap();
-    let s3 = bucket(&moto).await;
-    publish(&s3, "v1", false).await;
-    publish(&s3, "v2", false).await;
-    let api = Api::new();
-    let cfg = api.config();
-    run(&api, &cfg, &s3, &to("v1")).await.unwrap();
+    let (_moto, s3, api, cfg) = on_v1_with_v2_published().await;
     run(&api, &cfg, &s3, &to("v2")).await.unwrap();
     let install = api.install();
 
@@ -560,7 +560,7 @@ async fn reconcile_repairs_an_unverified_current_and_an_update_cut_between_switc
     assert_eq!(r.current.as_deref(), Some("v2"), "{r:?}");
     assert!(r.restart_api, "{r:?}");
     (api.restart())().await.unwrap();
-    let gate = caretaker::release::update::Gate::from_config(&cfg);
+    let gate = caretaker::health::Gate::from_config(&cfg);
     gate.run(&api.probe()).await.unwrap();
     assert_eq!(api.health(), (200, "v2".into()));
     assert_eq!(install.read_state().unwrap().phase, Phase::RolledBack);
@@ -616,14 +616,8 @@ async fn prune_keeps_the_last_releases_and_never_current_or_previous() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_verifies_and_leaves_everything_as_it_was() {
-    let moto = Moto::start().unwrap();
-    let s3 = bucket(&moto).await;
-    publish(&s3, "v1", false).await;
-    publish(&s3, "v2", false).await;
+    let (_moto, s3, api, cfg) = on_v1_with_v2_published().await;
     publish_with(&s3, "v3", artifact("v3", false), b"wrong", Sig::None).await;
-    let api = Api::new();
-    let cfg = api.config();
-    run(&api, &cfg, &s3, &to("v1")).await.unwrap();
     let (pid, restarts, tree) = (api.pid(), api.restarts(), api.tree());
     let dry = |v: &str| UpdateRequest { target: Target::Version(v.into()), dry_run: true };
 

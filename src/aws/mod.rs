@@ -2,6 +2,8 @@
 
 /// The instance metadata service, IMDSv2 only.
 pub mod imds;
+/// The one region resolver.
+pub mod region;
 /// S3: multipart uploads, manifests, listing.
 pub mod s3;
 /// SDK configuration (region, credentials, timeouts, retries) and the per-service clients built from it.

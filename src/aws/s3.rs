@@ -1,7 +1,7 @@
 //! S3: the multipart uploads backups stream into, small objects (manifests), listing and deletion.
 //! Every error names the operation, bucket and key.
 
-use aws_sdk_s3::primitives::ByteStream;
+pub use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 
@@ -200,4 +200,62 @@ impl S3 {
         ))?;
         Ok(())
     }
+
+    /// Lists at most one key under `prefix`: can we list there? Notes S3's `Date` in `date`.
+    pub async fn probe_list(&self, bucket: &str, prefix: &str, date: &ServerDate) -> Result<(), S3Error> {
+        self.client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .max_keys(1)
+            .customize()
+            .interceptor(date.clone())
+            .send()
+            .await
+            .map(drop)
+            .map_err(Self::err("ListObjectsV2", bucket, prefix))
+    }
+
+    /// ListBuckets, only for S3's `Date` (noted in `date`); its outcome does not matter.
+    pub async fn probe_date(&self, date: &ServerDate) {
+        let _ = self.client.list_buckets().customize().interceptor(date.clone()).send().await;
+    }
+}
+
+/// The `Date` header of the last S3 answer seen through it, whatever its status (an AccessDenied
+/// carries one too), and the local time it arrived at: S3's clock, to compare ours with.
+#[derive(Debug, Clone, Default)]
+pub struct ServerDate(std::sync::Arc<std::sync::Mutex<Option<(String, std::time::SystemTime)>>>);
+
+impl ServerDate {
+    pub fn get(&self) -> Option<(String, std::time::SystemTime)> {
+        self.0.lock().ok().and_then(|d| d.clone())
+    }
+}
+
+impl aws_sdk_s3::config::Intercept for ServerDate {
+    fn name(&self) -> &'static str {
+        "caretaker-server-date"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_s3::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        if let Some(date) = context.response().headers().get("date")
+            && let Ok(mut cell) = self.0.lock()
+        {
+            *cell = Some((date.to_string(), std::time::SystemTime::now()));
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP date (`Date: Sun, 22 Nov 2026 03:00:00 GMT`) as seconds since the epoch.
+pub fn http_date_secs(header: &str) -> Result<i64, String> {
+    aws_sdk_s3::primitives::DateTime::from_str(header, aws_sdk_s3::primitives::DateTimeFormat::HttpDate)
+        .map(|t| t.secs())
+        .map_err(|e| e.to_string())
 }

@@ -45,4 +45,25 @@ impl SesClient {
             })?;
         Ok(out.message_id().to_string())
     }
+
+    /// The verification status SES has for each of `identities` (`Success`, `Pending`, …); an
+    /// identity SES does not know is absent. The error is SES's code and message.
+    pub async fn verification_statuses(
+        &self,
+        identities: &[&str],
+    ) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let mut call = self.client.get_identity_verification_attributes();
+        for i in identities {
+            call = call.identities(*i);
+        }
+        let out = call.send().await.map_err(|e| match e.as_service_error() {
+            Some(se) => format!("{}: {}", se.meta().code().unwrap_or("error"), se.meta().message().unwrap_or("")),
+            None => crate::http::error_chain(&e),
+        })?;
+        Ok(out
+            .verification_attributes()
+            .iter()
+            .map(|(k, a)| (k.clone(), a.verification_status().as_str().to_string()))
+            .collect())
+    }
 }

@@ -38,7 +38,7 @@ pub fn decryption(cfg: &Config) -> Result<Decryption, BackupError> {
     let file = cfg.secrets.env_dir.join(format!("{}.env", b.passphrase_file));
     let read = |var: &str| {
         let no_key = || BackupError::NoKey { file: file.display().to_string(), var: var.to_string() };
-        crate::boot::secrets::read_env_var(&file, var).map_err(|_| no_key())?.ok_or_else(no_key)
+        crate::envfile::read_env_var(&file, var).map_err(|_| no_key())?.ok_or_else(no_key)
     };
     if b.recipients.is_empty() {
         let pass = read(&b.passphrase_var)?;

@@ -4,19 +4,21 @@
 pub mod alerts;
 /// The way back: S3 → age → zstd → a sink, hashed.
 pub mod fetch;
+/// Migration from an external PostgreSQL: copy, prove equal, then swap.
+pub mod migrate;
 /// PostgreSQL: one snapshot for the dump and exact row counts.
 pub mod postgres;
 /// Redis: a fresh, successful BGSAVE and its RDB file.
 pub mod redis;
+/// Restores from backups: load into something new, verify, then swap.
+pub mod restore;
 /// Which backups to keep.
 pub mod retention;
 /// One backup end to end, the manifest, listing.
 pub mod run;
-/// Calendar expressions for backups and drills.
-pub mod schedule;
-/// The daemon's schedule of backups, retention and drills.
-pub mod scheduler;
 /// plaintext → zstd → age → S3 multipart, bounded memory, no disk.
 pub mod stream;
+/// Swapping a verified database in for the live one.
+pub mod swap;
 /// Restore drills; loading a backup into a new database, checked.
 pub mod verify;

@@ -23,6 +23,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in backup order.
+    pub const ALL: [Kind; 2] = [Kind::Postgres, Kind::Redis];
+
+    /// `all`, `postgres` or `redis` as the kinds they name; `None` for anything else.
+    pub fn parse_set(s: &str) -> Option<Vec<Kind>> {
+        match s {
+            "all" => Some(Self::ALL.to_vec()),
+            k => Kind::parse(k).map(|k| vec![k]),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Postgres => "postgres",
@@ -65,9 +76,9 @@ pub struct Manifest {
 
 /// `20261122T030000Z-a1b2c3`: sorts by time.
 pub fn new_id(now: SystemTime) -> String {
-    let t = humantime::format_rfc3339_seconds(now).to_string().replace(['-', ':'], "");
+    let t = crate::units::compact_stamp(now);
     let salt =
-        super::schedule::random_delay(std::time::Duration::from_secs(1 << 24), "id").as_millis() as u32 & 0xffffff;
+        crate::calendar::random_delay(std::time::Duration::from_secs(1 << 24), "id").as_millis() as u32 & 0xffffff;
     format!("{t}-{salt:06x}")
 }
 
@@ -114,8 +125,7 @@ pub fn stream_config(cfg: &Config) -> Result<StreamConfig, BackupError> {
     } else {
         let file = cfg.secrets.env_dir.join(format!("{}.env", b.passphrase_file));
         let no_key = || BackupError::NoKey { file: file.display().to_string(), var: b.passphrase_var.clone() };
-        let pass =
-            crate::boot::secrets::read_env_var(&file, &b.passphrase_var).map_err(|_| no_key())?.ok_or_else(no_key)?;
+        let pass = crate::envfile::read_env_var(&file, &b.passphrase_var).map_err(|_| no_key())?.ok_or_else(no_key)?;
         Encryption::Passphrase(age::secrecy::SecretString::from(pass.expose().to_string()))
     };
     Ok(StreamConfig {
@@ -153,16 +163,16 @@ pub async fn backup(
     let on_part = move |read: u64, stored: u64, parts: usize| {
         p(format!(
             "{kind}: {} read, {} stored in {parts} parts, {}",
-            crate::control::client::human_bytes(read),
-            crate::control::client::human_bytes(stored),
-            crate::control::client::human_rate(read, clock.elapsed()),
+            crate::units::human_bytes(read),
+            crate::units::human_bytes(stored),
+            crate::units::human_rate(read, clock.elapsed()),
             kind = kind.as_str()
         ))
     };
 
     let (producer, producer_version, status, pending, details) = match kind {
         Kind::Postgres => {
-            let target = crate::supervise::supervisor::pg_target(cfg);
+            let target = crate::pg::PgTarget::new(&cfg.services.postgres);
             let db = &cfg.backup.database;
             progress(format!("postgres: exporting a snapshot of {db}"));
             let snapshot =
@@ -221,8 +231,8 @@ pub async fn backup(
         id: id.clone(),
         kind,
         instance_id: instance_id.to_string(),
-        started_at: humantime::format_rfc3339_seconds(started).to_string(),
-        finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        started_at: crate::units::rfc3339(started),
+        finished_at: crate::units::now_rfc3339(),
         duration_ms: clock.elapsed().as_millis() as u64,
         caretaker_version: crate::VERSION.into(),
         producer,
@@ -244,29 +254,24 @@ pub async fn backup(
     progress(format!(
         "{}: backup {id} complete: {} → {} stored in {:.1} s, {}",
         kind.as_str(),
-        crate::control::client::human_bytes(manifest.plain_bytes),
-        crate::control::client::human_bytes(manifest.stored_bytes),
+        crate::units::human_bytes(manifest.plain_bytes),
+        crate::units::human_bytes(manifest.stored_bytes),
         clock.elapsed().as_secs_f64(),
-        crate::control::client::human_rate(manifest.plain_bytes, clock.elapsed())
+        crate::units::human_rate(manifest.plain_bytes, clock.elapsed())
     ));
     Ok(manifest)
 }
 
 /// The S3 client for backups: region from the configuration, else from firstboot's instance.env.
 pub async fn s3_for(cfg: &Config) -> Result<S3, BackupError> {
-    let region = cfg
-        .aws
-        .region
-        .clone()
-        .or_else(|| crate::boot::firstboot::instance_var("REGION"))
-        .ok_or_else(|| BackupError::Setup("no AWS region: set aws.region (or run caretaker firstboot)".into()))?;
-    let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
+    let region = crate::aws::region::local(&cfg.aws).map_err(|e| BackupError::Setup(e.to_string()))?;
+    let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region.name).await;
     Ok(S3::new(crate::aws::sdk::s3_client(&sdk, &cfg.aws)))
 }
 
 /// This instance's id (from firstboot's instance.env), or the host name.
 pub fn instance_id() -> String {
-    crate::boot::firstboot::instance_var("INSTANCE_ID")
+    crate::envfile::instance_var("INSTANCE_ID")
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_default()
 }

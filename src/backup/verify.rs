@@ -5,11 +5,11 @@
 //! the counts taken in the dump's snapshot. Any failure drops the new database; nothing else is
 //! touched. The drill ([`verify`]) loads into a scratch database, drops it, and stores
 //! `verify.json` beside the backup (retention never deletes the newest verified backup). A restore
-//! (`crate::restore`) loads the same way and then swaps.
+//! (`super::restore`) loads the same way and then swaps.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,7 @@ use super::fetch::{self, Fetched};
 use super::run::{self, DATA, Kind, Manifest, VERIFY};
 use crate::aws::s3::S3;
 use crate::config::Config;
+use crate::pg::PgTarget;
 use crate::pg::quote_ident;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,25 +29,18 @@ pub enum VerifyError {
     #[error("{0}")]
     Fetch(#[from] fetch::FetchError),
     #[error("postgres: {0}")]
-    Pg(String),
+    PgClient(#[from] crate::pg::PgError),
+    #[error("postgres: {0}")]
+    PgQuery(#[from] tokio_postgres::Error),
     #[error("pg_restore failed ({status}): {stderr}")]
     Restore { status: String, stderr: String },
     #[error("the restored copy does not match the backup's manifest: {}", .0.join("; "))]
     Mismatch(Vec<String>),
+    /// pg_restore could not be run or waited for.
+    #[error("postgres: {0}")]
+    PgRestore(String),
     #[error("cancelled")]
     Cancelled,
-}
-
-impl From<crate::pg::PgError> for VerifyError {
-    fn from(e: crate::pg::PgError) -> Self {
-        VerifyError::Pg(e.to_string())
-    }
-}
-
-impl From<tokio_postgres::Error> for VerifyError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        VerifyError::Pg(e.to_string())
-    }
 }
 
 /// The backup `id` of `kind` (`latest`: the newest).
@@ -73,9 +67,7 @@ pub struct Loaded {
 
 /// Drops `database` if it exists, ending its sessions.
 pub async fn drop_database(cfg: &Config, database: &str) -> Result<(), VerifyError> {
-    let admin = crate::supervise::supervisor::pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(database))).await?;
-    Ok(())
+    Ok(PgTarget::new(&cfg.services.postgres).drop_database(database).await?)
 }
 
 /// Creates `database` (it must not exist), restores backup `m` into it and checks it against the
@@ -87,7 +79,7 @@ pub async fn load_postgres(
     database: &str,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<Loaded, VerifyError> {
-    let target = crate::supervise::supervisor::pg_target(cfg);
+    let target = PgTarget::new(&cfg.services.postgres);
     let admin = target.connect("postgres", Duration::from_secs(30)).await?;
     admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(database))).await?;
     drop(admin);
@@ -111,7 +103,7 @@ async fn load_into(
     let bucket = cfg.backup.bucket.clone().ok_or(run::BackupError::NoBucket)?;
     let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Postgres, &m.id));
     let decryption = fetch::decryption(cfg)?;
-    let target = crate::supervise::supervisor::pg_target(cfg);
+    let target = PgTarget::new(&cfg.services.postgres);
     let mut child = target
         .tool("pg_restore")?
         .args(target.tool_args(database))
@@ -119,14 +111,14 @@ async fn load_into(
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
-        .map_err(|e| VerifyError::Pg(format!("cannot run pg_restore: {e}")))?;
+        .map_err(|e| VerifyError::PgRestore(format!("cannot run pg_restore: {e}")))?;
     let stdin = child.stdin.take().expect("piped");
     crate::fsutil::grow_pipe(&stdin);
     let err_task = crate::pg::collect_stderr(child.stderr.take());
     progress(format!(
         "postgres: restoring backup {} ({} stored) into database {database}",
         m.id,
-        crate::control::client::human_bytes(m.stored_bytes)
+        crate::units::human_bytes(m.stored_bytes)
     ));
     let total = m.plain_bytes;
     let last = std::sync::Mutex::new((Instant::now(), 0u64));
@@ -138,9 +130,9 @@ async fn load_into(
         *last = (Instant::now(), plain);
         progress(format!(
             "postgres: restored {} of {}, {}",
-            crate::control::client::human_bytes(plain),
-            crate::control::client::human_bytes(total),
-            crate::control::client::human_rate(plain, started.elapsed())
+            crate::units::human_bytes(plain),
+            crate::units::human_bytes(total),
+            crate::units::human_rate(plain, started.elapsed())
         ))
     })
     .await;
@@ -151,7 +143,7 @@ async fn load_into(
             return Err(e.into());
         }
     };
-    let status = child.wait().await.map_err(|e| VerifyError::Pg(format!("waiting for pg_restore: {e}")))?;
+    let status = child.wait().await.map_err(|e| VerifyError::PgRestore(format!("waiting for pg_restore: {e}")))?;
     let stderr = err_task.await.unwrap_or_default();
     if !status.success() {
         return Err(VerifyError::Restore { status: status.to_string(), stderr });
@@ -299,7 +291,7 @@ pub async fn verify(
     }
     .await;
     report.duration_ms = started.elapsed().as_millis() as u64;
-    report.checked_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    report.checked_at = crate::units::now_rfc3339();
     match &outcome {
         Ok(()) => report.ok = true,
         Err(VerifyError::Mismatch(p)) => report.problems = p.clone(),

@@ -14,17 +14,7 @@ use super::{datadirs, secrets, volume};
 use crate::aws::imds::{ImdsClient, InstanceInfo};
 use crate::config::Config;
 
-/// caretaker's runtime folder (tmpfs: empty after every reboot).
-pub const RUN_DIR: &str = "/run/caretaker";
-/// caretaker's state on the root disk (survives reboots, not instance replacement).
-pub const STATE_DIR: &str = "/var/lib/caretaker";
-
-/// A value from the `instance.env` firstboot wrote (`INSTANCE_ID`, `REGION`, …); `None` when the
-/// file or the key is absent or empty.
-pub fn instance_var(key: &str) -> Option<String> {
-    let text = std::fs::read_to_string(Path::new(RUN_DIR).join("instance.env")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string).filter(|v| !v.is_empty())
-}
+pub use crate::envfile::{RUN_DIR, STATE_DIR, instance_var};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirstbootError {
@@ -86,7 +76,12 @@ pub async fn run(cfg: &Config) -> Result<Report, FirstbootError> {
     let services = cfg.services.clone();
     let data_dirs = tokio::task::spawn_blocking(move || datadirs::prepare(&services)).await??;
 
-    let region = cfg.aws.region.clone().unwrap_or_else(|| instance.identity.region.clone());
+    let region = crate::aws::region::pick(
+        cfg.aws.region.as_deref(),
+        [(crate::aws::region::RegionSource::Imds, Some(instance.identity.region.clone()))],
+    )
+    .map(|r| r.name)
+    .unwrap_or_default();
     let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
     let ssm = crate::aws::ssm::SsmClient::new(crate::aws::sdk::ssm_client(&sdk, &cfg.aws));
     let secrets = secrets::write_env_files(&cfg.secrets, &ssm).await?;

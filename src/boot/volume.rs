@@ -13,7 +13,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -284,35 +284,8 @@ pub fn examine(device: &Path) -> Result<Decision, VolumeError> {
     Ok(decide(&verdict, &blkid))
 }
 
-/// One line of /proc/self/mountinfo that matters to us.
-#[derive(Debug, Clone)]
-struct MountEntry {
-    devnum: u64,
-    mount_point: PathBuf,
-    source: String,
-}
-
-fn mounts() -> Result<Vec<MountEntry>, VolumeError> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path).map_err(io("read", path))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let (maj, min) = f.get(2)?.split_once(':')?;
-            let sep = f.iter().position(|x| *x == "-")?;
-            Some(MountEntry {
-                devnum: nix::sys::stat::makedev(maj.parse().ok()?, min.parse().ok()?),
-                mount_point: PathBuf::from(unescape_mount(f.get(4)?)),
-                source: f.get(sep + 2).map(|s| unescape_mount(s)).unwrap_or_default(),
-            })
-        })
-        .collect())
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+fn mounts() -> Result<Vec<crate::mountinfo::Mount>, VolumeError> {
+    crate::mountinfo::read().map_err(io("read", Path::new("/proc/self/mountinfo")))
 }
 
 /// What firstboot did with the volume.
@@ -465,11 +438,7 @@ impl FormatIntent {
 
     fn write(state_dir: &Path, device: &Path, rdev: u64) -> Result<(), VolumeError> {
         std::fs::create_dir_all(state_dir).map_err(io("create", state_dir))?;
-        let intent = FormatIntent {
-            device: device.to_path_buf(),
-            rdev,
-            started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        };
+        let intent = FormatIntent { device: device.to_path_buf(), rdev, started_at: crate::units::now_rfc3339() };
         crate::fsutil::write_atomic(
             &state_dir.join(Self::FILE),
             &serde_json::to_vec(&intent).expect("json"),
@@ -548,7 +517,7 @@ fn update_marker(
         schema: 1,
         volume_id: volume_id.map(str::to_string),
         filesystem_uuid: uuid.to_string(),
-        first_formatted_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        first_formatted_at: crate::units::now_rfc3339(),
         instances: vec![],
     });
     if formatted {
@@ -632,10 +601,5 @@ mod tests {
         assert_eq!(m.instances, vec!["i-1", "i-2"]);
         let e = update_marker(dir.path(), Some("vol-0bbbbbbbbbbbbbbbb"), "uuid-1", "i-3", false).unwrap_err();
         assert!(matches!(e, VolumeError::MarkerMismatch { .. }), "{e}");
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mount("/mnt/a\\040b"), "/mnt/a b");
     }
 }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use zbus::proxy;
 
-use super::dbus::DaemonStatus;
-use super::jobs::{JobInfo, JobState};
+use super::wire::{DaemonStatus, JobInfo, JobState};
+use crate::units::human_bytes;
 
 #[proxy(
     interface = "io.shtetl.Caretaker1",
@@ -161,22 +161,4 @@ impl Client {
             }
         }
     }
-}
-
-/// 1536 → "1.5 KiB".
-/// `n` bytes over `elapsed` as a rate: `98.2 MiB/s`.
-pub fn human_rate(n: u64, elapsed: std::time::Duration) -> String {
-    let secs = elapsed.as_secs_f64().max(0.001);
-    format!("{}/s", human_bytes((n as f64 / secs) as u64))
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }

@@ -10,41 +10,18 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use zbus::object_server::SignalEmitter;
+
+pub use super::wire::{JobInfo, JobState};
+use crate::units::now_rfc3339;
 
 /// How many finished jobs status remembers.
 const HISTORY: usize = 20;
 /// Progress signals are sent at most this often (phase changes always go out).
 const PROGRESS_EVERY: Duration = Duration::from_millis(1000);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Running,
-    Succeeded,
-    Failed,
-}
-
-/// A job as status and `JobStatus` show it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobInfo {
-    pub id: String,
-    /// `backup`, `verify`, `prune`, `update`, `restore`, `migrate`.
-    pub kind: String,
-    /// What it does, e.g. "backup postgres".
-    pub description: String,
-    pub state: JobState,
-    pub started_at: String,
-    pub finished_at: Option<String>,
-    /// The last progress line.
-    pub progress: String,
-    /// The result: a one-line summary on success, the error on failure.
-    pub summary: String,
-}
 
 /// Refusal of a second mutating job.
 #[derive(Debug, thiserror::Error)]
@@ -66,38 +43,62 @@ struct State {
     counter: u64,
 }
 
+/// What the job table tells whoever listens (the D-Bus interface turns these into signals), in
+/// the order they happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    Progress { id: String, message: String, done: u64, total: u64 },
+    Finished { id: String, ok: bool, summary: String },
+}
+
 /// The daemon's job table.
 pub struct Jobs {
     state: Mutex<State>,
-    emitter: OnceLock<SignalEmitter<'static>>,
+    events: Mutex<Option<mpsc::UnboundedSender<JobEvent>>>,
+    /// systemd, for jobs that stop and start units (set by the daemon once its bus connection exists).
+    systemd: OnceLock<crate::systemd::manager::Systemd>,
     /// The daemon's alerts (shared so that incidents opened by a job are deduplicated and
     /// resolved like the supervisor's).
     alerts: OnceLock<crate::notify::Alerts>,
     cancel: CancellationToken,
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
 impl Jobs {
     pub fn new(cancel: CancellationToken) -> Arc<Jobs> {
         Arc::new(Jobs {
             state: Mutex::new(State { current: None, handle: None, history: VecDeque::new(), counter: 0 }),
-            emitter: OnceLock::new(),
+            events: Mutex::new(None),
+            systemd: OnceLock::new(),
             alerts: OnceLock::new(),
             cancel,
         })
     }
 
-    /// Signals go out once the bus connection exists.
-    pub fn set_emitter(&self, emitter: SignalEmitter<'static>) {
-        let _ = self.emitter.set(emitter);
+    /// The job events from now on (one listener: a second call replaces the first).
+    pub fn events(&self) -> mpsc::UnboundedReceiver<JobEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
     }
 
-    /// The daemon's bus connection (for jobs that talk to systemd), once it exists.
-    pub fn connection(&self) -> Option<zbus::Connection> {
-        self.emitter.get().map(|e| e.connection().clone())
+    /// No more events: the listener ends once it has received those already sent.
+    pub fn close_events(&self) {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn emit(&self, event: JobEvent) {
+        if let Some(tx) = self.events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// systemd, once the daemon has connected to it.
+    pub fn set_systemd(&self, systemd: crate::systemd::manager::Systemd) {
+        let _ = self.systemd.set(systemd);
+    }
+
+    pub fn systemd(&self) -> Option<crate::systemd::manager::Systemd> {
+        self.systemd.get().cloned()
     }
 
     /// The daemon's alerts, once built.
@@ -145,7 +146,7 @@ impl Jobs {
             });
         }
         s.counter += 1;
-        let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace([':', '-'], "");
+        let stamp = crate::units::compact_stamp(SystemTime::now());
         let id = format!("{kind}-{}-{}", stamp.trim_end_matches('Z'), s.counter);
         let info = JobInfo {
             id: id.clone(),
@@ -169,13 +170,13 @@ impl Jobs {
         let jobs = self.clone();
         let handle = tokio::spawn(async move {
             let result = fut.await;
-            jobs.finish(&id, result).await;
+            jobs.finish(&id, result);
         });
         s.handle = Some(handle);
         Ok(info)
     }
 
-    async fn finish(&self, id: &str, result: JobResult) {
+    fn finish(&self, id: &str, result: JobResult) {
         let info = {
             let mut s = self.lock();
             let Some(mut info) = s.current.take().filter(|c| c.id == id) else { return };
@@ -201,11 +202,7 @@ impl Jobs {
             Ok(summary) => info!(job = %id, "job succeeded: {}: {summary}", info.description),
             Err(e) => error!(job = %id, "job failed: {}: {e}", info.description),
         }
-        if let Some(em) = self.emitter.get()
-            && let Err(e) = super::dbus::Control::job_finished(em, id, result.is_ok(), &info.summary).await
-        {
-            warn!("cannot send JobFinished: {e}");
-        }
+        self.emit(JobEvent::Finished { id: id.to_string(), ok: result.is_ok(), summary: info.summary });
     }
 
     /// Cancels the running job and waits up to `grace` for it to end.
@@ -252,11 +249,7 @@ impl JobCtx {
         if let Some(cur) = self.jobs.lock().current.as_mut().filter(|c| c.id == self.id) {
             cur.progress = message.to_string();
         }
-        if let Some(em) = self.jobs.emitter.get()
-            && let Err(e) = super::dbus::Control::job_progress(em, &self.id, message, done, total).await
-        {
-            warn!("cannot send JobProgress: {e}");
-        }
+        self.jobs.emit(JobEvent::Progress { id: self.id.clone(), message: message.to_string(), done, total });
     }
 }
 

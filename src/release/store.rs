@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use aws_sdk_s3::primitives::ByteStream;
+use crate::aws::s3::ByteStream;
 use bytes::Bytes;
 
 use super::{UpdateError, compare_versions, validate_version};

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -21,8 +20,8 @@ use super::{UpdateError, validate_version, verify};
 use crate::aws::s3::S3;
 use crate::config::Config;
 use crate::fsutil::{self, FsError};
+use crate::health::{Gate, Probe};
 use crate::notify::{Alert, Alerts};
-use crate::supervise::health::{Health, Probe};
 
 /// The incident key of update alerts (opened on a roll back, resolved by the next good update).
 pub const INCIDENT: &str = "update";
@@ -80,63 +79,6 @@ impl Outcome {
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.summary())
-    }
-}
-
-/// The health gate: `consecutive` healthy probes in a row within `timeout`.
-#[derive(Debug, Clone, Copy)]
-pub struct Gate {
-    pub consecutive: u32,
-    pub timeout: Duration,
-    /// Upper bound for one probe.
-    pub probe_timeout: Duration,
-}
-
-impl Gate {
-    pub fn from_config(cfg: &Config) -> Self {
-        Gate {
-            consecutive: cfg.release.health_gate_consecutive.max(1),
-            timeout: cfg.release.health_gate_timeout.get(),
-            probe_timeout: cfg.supervise.probe_timeout.get(),
-        }
-    }
-
-    /// Time between probes: the needed streak fits twice into the timeout, between 0.2 s and 1 s.
-    pub fn interval(&self) -> Duration {
-        (self.timeout / (2 * self.consecutive)).clamp(Duration::from_millis(200), Duration::from_secs(1))
-    }
-
-    /// Probes until `consecutive` healthy answers in a row (Ok) or the timeout (Err: why).
-    pub async fn run(&self, probe: &Probe) -> Result<(), String> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let mut streak = 0;
-        let mut last_problem = String::from("no probe answered");
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let result = probe.run(self.probe_timeout.min(left.max(Duration::from_millis(100)))).await;
-            match result.health {
-                Health::Healthy => {
-                    streak += 1;
-                    if streak >= self.consecutive {
-                        return Ok(());
-                    }
-                }
-                Health::Degraded(problem) | Health::Unhealthy(problem) => {
-                    streak = 0;
-                    last_problem = problem;
-                }
-            }
-            let next = Instant::now() + self.interval();
-            if next >= deadline {
-                return Err(format!(
-                    "not {} healthy probes in a row within {}s (last problem: {last_problem})",
-                    self.consecutive,
-                    self.timeout.as_secs_f64()
-                ));
-            }
-            tokio::time::sleep_until(next.into()).await;
-        }
     }
 }
 
@@ -529,15 +471,6 @@ mod tests {
         fn is_send<T: Send>(_: T) {}
         let request = UpdateRequest { target: Target::Latest, dry_run: false };
         is_send(update(cfg, s3, &request, || async { Ok(()) }, probe, Some(alerts), |_| {}));
-    }
-
-    #[test]
-    fn gate_interval_fits_the_streak_twice_within_bounds() {
-        let gate =
-            |k, t| Gate { consecutive: k, timeout: Duration::from_secs(t), probe_timeout: Duration::from_secs(5) };
-        assert_eq!(gate(3, 60).interval(), Duration::from_secs(1));
-        assert_eq!(gate(3, 3).interval(), Duration::from_millis(500));
-        assert_eq!(gate(10, 1).interval(), Duration::from_millis(200));
     }
 
     #[test]

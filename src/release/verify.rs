@@ -3,14 +3,7 @@
 
 use ed25519_dalek::{Signature, VerifyingKey};
 
-/// Parses `release.public-key`: 64 hex digits, the raw 32-byte Ed25519 public key. (From an
-/// OpenSSL key: `openssl pkey -in key.pem -pubout -outform DER | tail -c 32 | xxd -p -c 64`.)
-pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
-    let bytes = hex::decode(text.trim()).map_err(|e| format!("not hex: {e}"))?;
-    let raw: [u8; 32] =
-        bytes.as_slice().try_into().map_err(|_| format!("{} bytes, an Ed25519 public key has 32", bytes.len()))?;
-    VerifyingKey::from_bytes(&raw).map_err(|e| format!("not an Ed25519 public key: {e}"))
-}
+pub use crate::config::parse_public_key;
 
 /// Parses a `SHA256SUMS.sig`: the raw 64-byte signature (what `openssl pkeyutl -sign -rawin`
 /// writes), or those bytes as 128 hex digits (surrounding whitespace ignored).

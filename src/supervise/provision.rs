@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::info;
 
-use crate::boot::secrets::read_env_var;
 use crate::config::ProvisionConfig;
+use crate::envfile::read_env_var;
 use crate::pg::{PgError, PgTarget, quote_ident, quote_literal};
 
 #[derive(Debug, thiserror::Error)]

@@ -12,21 +12,21 @@
 //! timeouts, so they never hold up the daemon's main loop and its watchdog.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::health::{Health, Probe, ProbeResult};
 use super::provision;
 use crate::config::{Config, ServiceKind};
-use crate::control::dbus::DaemonStatus;
+use crate::health::{Health, Probe, ProbeResult};
 use crate::notify::{Alert, Alerts};
 use crate::pg::PgTarget;
 use crate::systemd::manager::Systemd;
+use crate::units::now_rfc3339;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,37 +69,6 @@ pub struct ServiceStatus {
     pub note: String,
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-/// Builds the probe for a service from the configuration.
-pub fn probe_for(cfg: &Config, kind: ServiceKind) -> Probe {
-    let s = &cfg.services;
-    match kind {
-        ServiceKind::Postgres => Probe::Postgres(pg_target(cfg)),
-        ServiceKind::Redis => Probe::Redis { url: s.redis.url.clone() },
-        ServiceKind::Api => Probe::Http {
-            url: s.api.health_url.clone(),
-            expect_json: s.api.health_json_field.clone().zip(s.api.health_json_value.clone()),
-            client: Box::new(crate::http::Client::new()),
-        },
-    }
-}
-
-pub fn pg_target(cfg: &Config) -> PgTarget {
-    let p = &cfg.services.postgres;
-    PgTarget { socket_dir: p.socket_dir.clone(), port: p.port, user: p.user.clone() }
-}
-
-pub fn unit_for(cfg: &Config, kind: ServiceKind) -> String {
-    match kind {
-        ServiceKind::Postgres => cfg.services.postgres.unit.to_string(),
-        ServiceKind::Redis => cfg.services.redis.unit.to_string(),
-        ServiceKind::Api => cfg.services.api.unit.to_string(),
-    }
-}
-
 /// Watches one service.
 struct Watch {
     kind: ServiceKind,
@@ -108,7 +77,7 @@ struct Watch {
     cfg: Arc<Config>,
     systemd: Systemd,
     alerts: Alerts,
-    status: Arc<Mutex<DaemonStatus>>,
+    services: watch::Sender<Vec<ServiceStatus>>,
     state: SvcState,
     failures: u32,
     restarts: VecDeque<Instant>,
@@ -122,10 +91,11 @@ struct Watch {
 
 impl Watch {
     fn update(&self, f: impl FnOnce(&mut ServiceStatus)) {
-        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(svc) = s.services.iter_mut().find(|x| x.name == self.kind.as_str()) {
-            f(svc);
-        }
+        self.services.send_modify(|services| {
+            if let Some(svc) = services.iter_mut().find(|x| x.name == self.kind.as_str()) {
+                f(svc);
+            }
+        });
     }
 
     fn transition(&mut self, next: SvcState, note: &str) {
@@ -140,12 +110,6 @@ impl Watch {
             s.state = next;
             s.note = note.to_string();
         });
-    }
-
-    /// Mirrors the open incidents into the daemon's status.
-    fn sync_incidents(&self) {
-        let incidents = self.alerts.incidents();
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).incidents = incidents;
     }
 
     fn key(&self, what: &str) -> String {
@@ -235,7 +199,7 @@ impl Watch {
             }
             last_start = tokio::time::Instant::now();
             let r = self.probe().await;
-            if let Some(reason) = super::maintenance::held(&self.unit) {
+            if let Some(reason) = crate::maintenance::held(&self.unit) {
                 // A job is working on this unit: report, but neither restart nor alert.
                 self.failures = 0;
                 self.update(|s| s.note = format!("supervision paused: {reason}"));
@@ -259,7 +223,6 @@ impl Watch {
                 let unit = self.unit.clone();
                 self.alerts.resolve(&self.key("failed"), &format!("{unit} is healthy again."));
                 self.alerts.resolve(&self.key("degraded"), &format!("{unit} is healthy again; writes are accepted."));
-                self.sync_incidents();
             }
             Health::Degraded(reason) => {
                 self.failures = 0;
@@ -276,7 +239,6 @@ impl Watch {
                         next: format!("df -h {}; journalctl -u {} -n 50; then redis-cli BGSAVE and `caretaker status`", self.cfg.services.redis.data_dir.display(), self.unit),
                     },
                 );
-                self.sync_incidents();
             }
             Health::Unhealthy(reason) => {
                 self.failures += 1;
@@ -322,7 +284,6 @@ impl Watch {
                     next: format!("systemctl status {u}; journalctl -u {u} -n 100; fix the cause, then `systemctl restart {u}` and `caretaker status`", u = self.unit),
                 },
             );
-            self.sync_incidents();
             return;
         }
         if let Some(last) = self.last_restart {
@@ -370,38 +331,39 @@ pub async fn supervise(
     cfg: Arc<Config>,
     systemd: Systemd,
     alerts: Alerts,
-    status: Arc<Mutex<DaemonStatus>>,
+    services: watch::Sender<Vec<ServiceStatus>>,
     cancel: CancellationToken,
 ) {
     let order = cfg.supervise.order.clone();
     {
-        let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
-        s.services = order
-            .iter()
-            .map(|k| ServiceStatus {
-                name: k.as_str().into(),
-                unit: unit_for(&cfg, *k),
-                state: SvcState::Starting,
-                last_probe: None,
-                last_probe_at: None,
-                consecutive_failures: 0,
-                restarts: 0,
-                last_restart_at: None,
-                note: "waiting for its turn in the start order".into(),
-            })
-            .collect();
+        services.send_replace(
+            order
+                .iter()
+                .map(|k| ServiceStatus {
+                    name: k.as_str().into(),
+                    unit: cfg.services.unit(*k),
+                    state: SvcState::Starting,
+                    last_probe: None,
+                    last_probe_at: None,
+                    consecutive_failures: 0,
+                    restarts: 0,
+                    last_restart_at: None,
+                    note: "waiting for its turn in the start order".into(),
+                })
+                .collect(),
+        );
     }
     let api_kick = Arc::new(Notify::new());
     let mut watches: Vec<Watch> = order
         .iter()
         .map(|k| Watch {
             kind: *k,
-            unit: unit_for(&cfg, *k),
-            probe: probe_for(&cfg, *k),
+            unit: cfg.services.unit(*k),
+            probe: Probe::for_service(&cfg.services, *k),
             cfg: cfg.clone(),
             systemd: systemd.clone(),
             alerts: alerts.clone(),
-            status: status.clone(),
+            services: services.clone(),
             state: SvcState::Starting,
             failures: 0,
             restarts: VecDeque::new(),
@@ -418,7 +380,9 @@ pub async fn supervise(
         }
         w.start_in_order(&cancel).await;
         if w.kind == ServiceKind::Postgres && w.state == SvcState::Healthy && cfg.provision.enabled {
-            match provision::provision(&pg_target(&cfg), &cfg.provision, &cfg.secrets.env_dir).await {
+            match provision::provision(&PgTarget::new(&cfg.services.postgres), &cfg.provision, &cfg.secrets.env_dir)
+                .await
+            {
                 Ok(r) if r.created.is_empty() => info!("provisioning: everything already exists"),
                 Ok(r) => info!(created = ?r.created, "provisioning done"),
                 Err(e) => {

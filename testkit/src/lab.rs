@@ -280,6 +280,19 @@ impl LabBox {
         cmd
     }
 
+    /// Points caretaker's backups at moto's S3 (`s3-endpoint`, region us-east-1, bucket `backups`
+    /// for the age `recipient`), with `extra` TOML after the `[backup]` keys, in a drop-in, and
+    /// gives caretaker.service moto's test keys.
+    pub fn configure_backups(&self, s3_endpoint: &str, recipient: Option<&str>, extra: &str) -> anyhow::Result<()> {
+        let recipients =
+            recipient.map(|r| format!("database = \"zmanim\"\nrecipients = [\"{r}\"]\n")).unwrap_or_default();
+        let config = format!(
+            "[aws]\nregion = \"us-east-1\"\ns3-endpoint = \"{s3_endpoint}\"\n[backup]\nbucket = \"backups\"\n{recipients}{extra}"
+        );
+        self.write_file("/etc/caretaker/caretaker.d/50-backup.toml", config.as_bytes(), 0o644)?;
+        self.set_unit_env("caretaker.service", crate::moto::TEST_CREDENTIALS)
+    }
+
     /// Gives `unit` extra environment through a runtime drop-in and reloads systemd (for example
     /// the dummy AWS credentials the emulators accept).
     pub fn set_unit_env(&self, unit: &str, vars: &[(&str, &str)]) -> anyhow::Result<()> {

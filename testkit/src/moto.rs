@@ -24,6 +24,9 @@ use crate::ports::{HttpResponse, free_port, http, in_netns};
 /// How long moto gets to start answering HTTP.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The access keys moto takes, as `caretaker.service` gets them in lab boxes.
+pub const TEST_CREDENTIALS: &[(&str, &str)] = &[("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
+
 /// A moto server process. Dropping it kills the process (SIGKILL by PID) and reaps it.
 pub struct Moto {
     child: Child,
@@ -220,6 +223,42 @@ impl Moto {
                 })?
             }
         }
+    }
+
+    /// The `Authorization` header of an S3 request moto accepts (us-east-1, the test keys).
+    pub fn s3_auth() -> (&'static str, &'static str) {
+        (
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0",
+        )
+    }
+
+    /// Creates bucket `name` (us-east-1); fails unless moto answers 200.
+    pub fn create_bucket(&self, name: &str) -> anyhow::Result<()> {
+        let r = self.request("PUT", &format!("/{name}"), &[Self::s3_auth()], b"")?;
+        anyhow::ensure!(r.status == 200, "create bucket {name}: HTTP {}: {}", r.status, r.text());
+        Ok(())
+    }
+
+    /// A JSON-protocol AWS call (`X-Amz-Target: TARGET`) to `service` in `region`, signed the way
+    /// moto accepts (its credential scope picks the region); fails unless moto answers 200.
+    pub fn aws_json(&self, region: &str, service: &str, target: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential=testing/20260101/{region}/{service}/aws4_request, SignedHeaders=host, Signature=0"
+        );
+        let headers =
+            [("Content-Type", "application/x-amz-json-1.1"), ("X-Amz-Target", target), ("Authorization", &auth)];
+        let r = self.request("POST", "/", &headers, body.to_string().as_bytes())?;
+        anyhow::ensure!(r.status == 200, "{target}: HTTP {}: {}", r.status, r.text());
+        Ok(())
+    }
+
+    /// Puts SSM parameter `name` (a SecureString when `secure`) in `region`, overwriting it.
+    pub fn put_parameter(&self, region: &str, name: &str, value: &str, secure: bool) -> anyhow::Result<()> {
+        let body = serde_json::json!({
+            "Name": name, "Value": value, "Type": if secure { "SecureString" } else { "String" }, "Overwrite": true
+        });
+        self.aws_json(region, "ssm", "AmazonSSM.PutParameter", &body)
     }
 
     /// Every mail moto's SES has accepted: `SendEmail` ones first, then raw ones (each in order).

@@ -186,7 +186,7 @@ mod tests {
         humantime::parse_rfc3339(s).unwrap()
     }
     fn fmt(t: SystemTime) -> String {
-        humantime::format_rfc3339_seconds(t).to_string()
+        crate::units::rfc3339(t)
     }
 
     #[test]

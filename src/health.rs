@@ -1,13 +1,15 @@
 //! Health probes, one per kind of service, each bounded by its own timeout:
 //! PostgreSQL `SELECT 1` over the unix socket; Redis `PING` plus `INFO persistence` (a failed
 //! last BGSAVE or AOF write means Redis refuses writes: degraded); the API by `GET` of its health
-//! path (200, and optionally a JSON field with an expected value).
+//! path (200, and optionally a JSON field with an expected value). And the health gate that
+//! updates and restores pass before they count as done.
 
 use std::time::{Duration, Instant};
 
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Config, ServiceKind, ServicesConfig};
 use crate::http;
 use crate::pg::PgTarget;
 
@@ -44,6 +46,19 @@ pub enum Probe {
 }
 
 impl Probe {
+    /// The probe of a service, from its configuration.
+    pub fn for_service(s: &ServicesConfig, kind: ServiceKind) -> Probe {
+        match kind {
+            ServiceKind::Postgres => Probe::Postgres(PgTarget::new(&s.postgres)),
+            ServiceKind::Redis => Probe::Redis { url: s.redis.url.clone() },
+            ServiceKind::Api => Probe::Http {
+                url: s.api.health_url.clone(),
+                expect_json: s.api.health_json_field.clone().zip(s.api.health_json_value.clone()),
+                client: Box::new(http::Client::new()),
+            },
+        }
+    }
+
     /// Runs the probe, never longer than `timeout`.
     pub async fn run(&self, timeout: Duration) -> ProbeResult {
         let started = Instant::now();
@@ -143,9 +158,75 @@ pub fn persistence_health(info: &str) -> Health {
     if problems.is_empty() { Health::Healthy } else { Health::Degraded(problems.join("; ")) }
 }
 
+/// The health gate: `consecutive` healthy probes in a row within `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    pub consecutive: u32,
+    pub timeout: Duration,
+    /// Upper bound for one probe.
+    pub probe_timeout: Duration,
+}
+
+impl Gate {
+    pub fn from_config(cfg: &Config) -> Self {
+        Gate {
+            consecutive: cfg.release.health_gate_consecutive.max(1),
+            timeout: cfg.release.health_gate_timeout.get(),
+            probe_timeout: cfg.supervise.probe_timeout.get(),
+        }
+    }
+
+    /// Time between probes: the needed streak fits twice into the timeout, between 0.2 s and 1 s.
+    pub fn interval(&self) -> Duration {
+        (self.timeout / (2 * self.consecutive)).clamp(Duration::from_millis(200), Duration::from_secs(1))
+    }
+
+    /// Probes until `consecutive` healthy answers in a row (Ok) or the timeout (Err: why).
+    pub async fn run(&self, probe: &Probe) -> Result<(), String> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut streak = 0;
+        let mut last_problem = String::from("no probe answered");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = probe.run(self.probe_timeout.min(left.max(Duration::from_millis(100)))).await;
+            match result.health {
+                Health::Healthy => {
+                    streak += 1;
+                    if streak >= self.consecutive {
+                        return Ok(());
+                    }
+                }
+                Health::Degraded(problem) | Health::Unhealthy(problem) => {
+                    streak = 0;
+                    last_problem = problem;
+                }
+            }
+            let next = Instant::now() + self.interval();
+            if next >= deadline {
+                return Err(format!(
+                    "not {} healthy probes in a row within {}s (last problem: {last_problem})",
+                    self.consecutive,
+                    self.timeout.as_secs_f64()
+                ));
+            }
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_interval_fits_the_streak_twice_within_bounds() {
+        let gate =
+            |k, t| Gate { consecutive: k, timeout: Duration::from_secs(t), probe_timeout: Duration::from_secs(5) };
+        assert_eq!(gate(3, 60).interval(), Duration::from_secs(1));
+        assert_eq!(gate(3, 3).interval(), Duration::from_millis(500));
+        assert_eq!(gate(10, 1).interval(), Duration::from_millis(200));
+    }
 
     #[test]
     fn redis_persistence() {

@@ -6,77 +6,20 @@
 //! systemd's `Persistent=true`). The last runs are kept in `/var/lib/caretaker/schedule.json`;
 //! without that file the newest backup in the bucket says when the last backup ran.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::run::Kind;
-use super::schedule::{Calendar, random_delay};
+use super::bodies::{self, Body};
+use super::jobs::{JobState, Jobs};
+use super::runs::{self, load_state, state_path};
+use super::wire::{DaemonStatus, ScheduleStatus};
+use crate::backup::run::Kind;
+use crate::calendar::{Calendar, random_delay};
 use crate::config::Config;
-use crate::control::dbus::DaemonStatus;
-use crate::control::jobs::{JobState, Jobs};
-
-/// What status shows about the schedule (times in RFC 3339, UTC).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ScheduleStatus {
-    pub backup_schedule: String,
-    pub verify_schedule: String,
-    pub next_backup: Option<String>,
-    pub next_verify: Option<String>,
-    pub last_backup: Option<String>,
-    pub last_backup_ok: Option<bool>,
-    pub last_verify: Option<String>,
-    pub last_verify_ok: Option<bool>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct State {
-    last_backup: Option<String>,
-    last_backup_ok: Option<bool>,
-    last_verify: Option<String>,
-    last_verify_ok: Option<bool>,
-}
-
-fn state_path() -> PathBuf {
-    Path::new(crate::boot::firstboot::STATE_DIR).join("schedule.json")
-}
-
-fn load_state(path: &Path) -> Option<State> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-fn save_state(path: &Path, s: &State) {
-    let json = serde_json::to_vec_pretty(s).expect("state serializes");
-    if let Err(e) = crate::fsutil::write_atomic(path, &json, 0o644, None) {
-        warn!("cannot record the schedule's last runs: {e}");
-    }
-}
-
-static STATE_LOCK: Mutex<()> = Mutex::new(());
-/// Wakes the schedule loop after a run was recorded (status then shows it at once).
-static RECORDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
-
-/// Records a backup or drill that ran (scheduled or asked for): status shows it, and a manual run
-/// counts as the last run for catching up. `what` is `backup` or `verify`.
-pub fn record(what: &str, at: SystemTime, ok: bool) {
-    let _guard = STATE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let path = state_path();
-    let mut s = load_state(&path).unwrap_or_default();
-    match what {
-        "backup" => (s.last_backup, s.last_backup_ok) = (Some(rfc(at)), Some(ok)),
-        _ => (s.last_verify, s.last_verify_ok) = (Some(rfc(at)), Some(ok)),
-    }
-    save_state(&path, &s);
-    RECORDED.notify_one();
-}
-
-fn rfc(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+use crate::units::rfc3339 as rfc;
 
 fn parse_time(s: &Option<String>) -> Option<SystemTime> {
     s.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok())
@@ -110,7 +53,7 @@ async fn run_job(
     jobs: &Arc<Jobs>,
     kind: &str,
     description: &str,
-    mut make: impl FnMut() -> Box<dyn FnOnce(crate::control::jobs::JobCtx) -> crate::control::jobs::JobFuture + Send>,
+    mut make: impl FnMut() -> Body,
     cancel: &CancellationToken,
 ) -> Option<bool> {
     loop {
@@ -140,10 +83,10 @@ pub async fn run(
     if state.last_backup.is_none() {
         // No record: the newest backup in the bucket is the last run (none: a run is due).
         let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Ok(s3) = super::run::s3_for(&cfg).await {
+        if let Ok(s3) = crate::backup::run::s3_for(&cfg).await {
             let mut newest: Option<String> = None;
             for k in [Kind::Postgres, Kind::Redis] {
-                if let Ok(list) = super::run::list(&cfg, &s3, k).await
+                if let Ok(list) = crate::backup::run::list(&cfg, &s3, k).await
                     && let Some(m) = list.last()
                 {
                     newest = newest.max(Some(m.started_at.clone()));
@@ -200,7 +143,7 @@ pub async fn run(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
-                _ = RECORDED.notified() => {}
+                _ = runs::recorded() => {}
             }
             continue;
         }
@@ -214,7 +157,7 @@ pub async fn run(
                 &jobs,
                 "backup",
                 "scheduled backup all",
-                || Box::new(crate::control::dbus::backup_job(c.clone(), vec![Kind::Postgres, Kind::Redis], a.clone())),
+                || bodies::backup_job(c.clone(), Kind::ALL.to_vec(), a.clone()),
                 &cancel,
             )
             .await;
@@ -227,7 +170,7 @@ pub async fn run(
                     &jobs,
                     "prune",
                     "scheduled prune",
-                    || Box::new(crate::control::dbus::prune_job(c.clone(), false, a.clone())),
+                    || bodies::prune_job(c.clone(), false, a.clone()),
                     &cancel,
                 )
                 .await;
@@ -240,14 +183,7 @@ pub async fn run(
                 &jobs,
                 "verify",
                 "scheduled verify all latest",
-                || {
-                    Box::new(crate::control::dbus::verify_job(
-                        c.clone(),
-                        vec![Kind::Postgres, Kind::Redis],
-                        "latest".into(),
-                        a.clone(),
-                    ))
-                },
+                || bodies::verify_job(c.clone(), Kind::ALL.to_vec(), "latest".into(), a.clone()),
                 &cancel,
             )
             .await;

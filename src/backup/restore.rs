@@ -1,7 +1,7 @@
 //! Restores from caretaker's own backups. The live data is never at risk:
 //!
 //! - **PostgreSQL**: the backup is loaded into a NEW database `DB_restore_TS` and checked (both
-//!   hashes, every table's row count: [`crate::backup::verify::load_postgres`]); any failure drops
+//!   hashes, every table's row count: [`super::verify::load_postgres`]); any failure drops
 //!   it and changes nothing. Only then: the API is stopped through systemd, sessions on the live
 //!   database are ended, and in one transaction the live database becomes `DB_pre_restore_TS` (kept)
 //!   and the new one becomes `DB`. The API is started and health-gated; a failed gate swaps back.
@@ -18,58 +18,34 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::fetch;
+use super::run::{self, DATA, Kind};
+use super::swap::{SwapError, is_kept_name, is_stamp, stamp, start, stop, swap_in};
+use super::verify::{self, VerifyError};
 use crate::aws::s3::S3;
-use crate::backup::fetch;
-use crate::backup::run::{self, DATA, Kind};
-use crate::backup::verify::{self, VerifyError};
-use crate::config::{Config, ServiceKind};
-use crate::pg::{quote_ident, quote_literal};
-use crate::supervise::maintenance;
-use crate::supervise::supervisor::{pg_target, probe_for};
+use crate::config::Config;
+use crate::maintenance;
+use crate::pg::PgTarget;
 use crate::systemd::manager::Systemd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error("{0}")]
     Verify(#[from] VerifyError),
-    #[error("postgres: {0}")]
-    Pg(String),
+    #[error("{0}")]
+    Swap(#[from] SwapError),
     #[error("redis: {0}")]
     Redis(String),
-    #[error("systemd: {0}")]
-    Systemd(String),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
     Fs(String),
-}
-
-impl From<crate::pg::PgError> for RestoreError {
-    fn from(e: crate::pg::PgError) -> Self {
-        RestoreError::Pg(e.to_string())
-    }
-}
-
-impl From<tokio_postgres::Error> for RestoreError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        RestoreError::Pg(e.to_string())
-    }
-}
-
-/// `20261122_170501`: a suffix for the names restores create.
-pub fn stamp(t: SystemTime) -> String {
-    let s = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-22T17:05:01Z
-    s.trim_end_matches('Z').replace(['-', ':'], "").replace('T', "_")
-}
-
-/// Whether `name` is a database a restore kept (`DB_pre_restore_YYYYMMDD_HHMMSS`).
-pub fn is_kept_name(db: &str, name: &str) -> bool {
-    name.strip_prefix(db).and_then(|r| r.strip_prefix("_pre_restore_")).is_some_and(is_stamp)
-}
-
-fn is_stamp(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 15 && b[8] == b'_' && b.iter().enumerate().all(|(i, c)| i == 8 || c.is_ascii_digit())
+    #[error("systemd: {0}")]
+    Systemd(String),
+    #[error("postgres: {0}")]
+    PgClient(#[from] crate::pg::PgError),
+    #[error("postgres: {0}")]
+    PgQuery(#[from] tokio_postgres::Error),
 }
 
 /// What a PostgreSQL restore did.
@@ -81,147 +57,6 @@ pub struct PgRestored {
     pub kept: Option<String>,
     pub tables: usize,
     pub rows: i64,
-}
-
-async fn api_was_active(systemd: &Systemd, unit: &str) -> bool {
-    systemd.state(unit).await.map(|s| s.is_active()).unwrap_or(false)
-}
-
-async fn stop(systemd: &Systemd, unit: &str, cfg: &Config) -> Result<(), RestoreError> {
-    let out = systemd
-        .stop(unit, cfg.supervise.start_timeout.get())
-        .await
-        .map_err(|e| RestoreError::Systemd(e.to_string()))?;
-    if out.state.is_active() {
-        return Err(RestoreError::Systemd(format!("{unit} is still {} after stopping it", out.state.active_state)));
-    }
-    Ok(())
-}
-
-async fn start(systemd: &Systemd, unit: &str, cfg: &Config) -> Result<(), RestoreError> {
-    let out = systemd
-        .start(unit, cfg.supervise.start_timeout.get())
-        .await
-        .map_err(|e| RestoreError::Systemd(e.to_string()))?;
-    if !out.state.is_active() {
-        return Err(RestoreError::Systemd(format!(
-            "{unit} did not start: job {}, unit {} ({})",
-            out.job_result, out.state.active_state, out.state.result
-        )));
-    }
-    Ok(())
-}
-
-/// Renames `from` → `to` and `new` → `live` in one transaction, after ending every session on
-/// `live` (retried while sessions linger). `live` may not exist (then only `new` is renamed).
-async fn swap(cfg: &Config, live: &str, new: &str, aside: &str) -> Result<bool, RestoreError> {
-    let admin = pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
-    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&live]).await?.is_some();
-    let mut last = String::new();
-    for _ in 0..20 {
-        if exists {
-            admin
-                .execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                    &[&live],
-                )
-                .await?;
-        }
-        let sql = if exists {
-            format!(
-                "BEGIN; ALTER DATABASE {l} RENAME TO {a}; ALTER DATABASE {n} RENAME TO {l}; COMMIT;",
-                l = quote_ident(live),
-                a = quote_ident(aside),
-                n = quote_ident(new)
-            )
-        } else {
-            format!("ALTER DATABASE {} RENAME TO {}", quote_ident(new), quote_ident(live))
-        };
-        match admin.batch_execute(&sql).await {
-            Ok(()) => return Ok(exists),
-            Err(e) => {
-                let _ = admin.batch_execute("ROLLBACK").await;
-                last = e.to_string();
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-    Err(RestoreError::Pg(format!("cannot rename the databases (sessions keep coming back?): {last}")))
-}
-
-/// Swaps the verified database `new` in as `live`: the API (when running) is stopped, `live`
-/// becomes `LIVE_pre_restore_TS` (kept; none when there was no live database) and `new` becomes
-/// `live` in one transaction; the API is started and health-gated, and a failed gate swaps back.
-/// On an error before the rename, `new` is dropped and the API started again.
-pub async fn swap_in(
-    cfg: &Config,
-    systemd: &Systemd,
-    live: &str,
-    new: &str,
-    ts: &str,
-    progress: &(dyn Fn(String) + Send + Sync),
-) -> Result<Option<String>, RestoreError> {
-    let (live, new) = (live.to_string(), new.to_string());
-    let aside = format!("{live}_pre_restore_{ts}");
-    // The point of no return is the rename; everything before it left the live data alone.
-    let api = cfg.services.api.unit.to_string();
-    let _hold = maintenance::hold(&api, "restore in progress");
-    let api_active = api_was_active(systemd, &api).await;
-    if api_active {
-        progress(format!("swap: stopping {api}"));
-        if let Err(e) = stop(systemd, &api, cfg).await {
-            let _ = verify::drop_database(cfg, &new).await;
-            return Err(e);
-        }
-    }
-    progress(format!("swap: {live} → {aside} (kept), {new} → {live}"));
-    let had_live = match swap(cfg, &live, &new, &aside).await {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = verify::drop_database(cfg, &new).await;
-            if api_active {
-                let _ = start(systemd, &api, cfg).await;
-            }
-            return Err(e);
-        }
-    };
-    if had_live {
-        let admin = pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
-        let _ = admin
-            .batch_execute(&format!(
-                "COMMENT ON DATABASE {} IS {}",
-                quote_ident(&aside),
-                quote_literal(&format!("kept by caretaker: replaced by {new} at {ts}"))
-            ))
-            .await;
-    }
-    if api_active {
-        progress(format!("swap: starting {api} and health-gating it"));
-        let gate = crate::release::update::Gate::from_config(cfg);
-        let started = start(systemd, &api, cfg).await;
-        let gated = match started {
-            Ok(()) => gate.run(&probe_for(cfg, ServiceKind::Api)).await,
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(reason) = gated {
-            if !had_live {
-                return Err(RestoreError::Refused(format!(
-                    "the API is unhealthy on the restored database ({reason}); there was no previous database to swap back to"
-                )));
-            }
-            warn!("the API is unhealthy on the restored database: {reason}; swapping back");
-            progress(format!("swap back: the API is unhealthy on the restored database: {reason}"));
-            let _ = stop(systemd, &api, cfg).await;
-            let failed = format!("{live}_failed_restore_{ts}");
-            swap(cfg, &live, &aside, &failed).await?;
-            start(systemd, &api, cfg).await?;
-            return Err(RestoreError::Refused(format!(
-                "swapped back: the API was unhealthy on the restored database ({reason}); the live database is the one \
-                 from before, the restored copy is kept as {failed}"
-            )));
-        }
-    }
-    Ok(had_live.then_some(aside))
 }
 
 /// Restores PostgreSQL backup `backup` (`latest` or an id) as database `target` (default
@@ -271,7 +106,7 @@ pub struct Kept {
 }
 
 pub async fn list_kept(cfg: &Config) -> Result<Vec<Kept>, RestoreError> {
-    let admin = pg_target(cfg).connect("postgres", Duration::from_secs(30)).await?;
+    let admin = PgTarget::new(&cfg.services.postgres).connect("postgres", Duration::from_secs(30)).await?;
     let rows = admin
         .query(
             "SELECT d.datname, pg_database_size(d.oid), coalesce(shobj_description(d.oid, 'pg_database'), '') \
@@ -311,7 +146,7 @@ pub async fn drop_kept(cfg: &Config, name: &str) -> Result<(), RestoreError> {
 pub async fn cleanup_leftovers(cfg: &Config) -> Vec<String> {
     let mut done = Vec::new();
     let db = &cfg.backup.database;
-    match pg_target(cfg).connect("postgres", Duration::from_secs(10)).await {
+    match PgTarget::new(&cfg.services.postgres).connect("postgres", Duration::from_secs(10)).await {
         Ok(admin) => {
             if let Ok(rows) = admin.query("SELECT datname FROM pg_database", &[]).await {
                 for r in rows {
@@ -450,7 +285,7 @@ pub async fn restore_redis(
     progress(format!("swap: stopping {unit}"));
     if let Err(e) = stop(systemd, &unit, cfg).await {
         let _ = std::fs::remove_file(&download);
-        return Err(e);
+        return Err(e.into());
     }
     let had_live = rdb.exists();
     let swapped = (|| -> std::io::Result<()> {
@@ -465,7 +300,7 @@ pub async fn restore_redis(
         Ok(()) => {
             progress(format!("swap: starting {unit}"));
             match start(systemd, &unit, cfg).await {
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
                 Ok(()) => match dbsize_when_up(url, cfg.supervise.start_timeout.get()).await {
                     Ok(n) if n == expected || expected < 0 => Ok(n),
                     Ok(n) => Err(RestoreError::Refused(format!(

@@ -22,10 +22,10 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, NoTls};
 
+use super::swap::SwapError;
 use crate::config::Config;
+use crate::pg::PgTarget;
 use crate::pg::quote_ident;
-use crate::restore::RestoreError;
-use crate::supervise::supervisor::pg_target;
 
 /// Where the source connection string comes from.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ pub enum MigrateError {
     )]
     Mismatch { mismatches: usize, database: String, report: Box<Report> },
     #[error("{0}")]
-    Swap(#[from] RestoreError),
+    Swap(#[from] SwapError),
 }
 
 /// One line of the report.
@@ -114,13 +114,8 @@ pub async fn read_source(cfg: &Config, source: &Source) -> Result<String, Migrat
                 .rsplit_once('/')
                 .filter(|(p, _)| !p.is_empty())
                 .ok_or_else(|| MigrateError::Source(format!("`{name}` is not a parameter name like /app/env/name")))?;
-            let region = cfg
-                .aws
-                .region
-                .clone()
-                .or_else(|| crate::boot::firstboot::instance_var("REGION"))
-                .ok_or_else(|| MigrateError::Source("no AWS region: set aws.region".into()))?;
-            let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
+            let region = crate::aws::region::local(&cfg.aws).map_err(|e| MigrateError::Source(e.to_string()))?;
+            let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region.name).await;
             let ssm = crate::aws::ssm::SsmClient::new(crate::aws::sdk::ssm_client(&sdk, &cfg.aws));
             let params = ssm.get_parameters_by_path(parent).await.map_err(|e| MigrateError::Source(e.to_string()))?;
             let p = params
@@ -274,9 +269,9 @@ pub async fn migrate(
     let src = SourceConn::parse(&url)?;
     drop(url);
     let live = cfg.backup.database.clone();
-    let ts = crate::restore::stamp(SystemTime::now());
+    let ts = super::swap::stamp(SystemTime::now());
     let new = format!("{live}_migrate_{ts}");
-    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let started_at = crate::units::now_rfc3339();
 
     // 1. The snapshot.
     progress(format!("dump: connecting to {}", src.describe()));
@@ -291,7 +286,7 @@ pub async fn migrate(
         .get(0);
 
     // 2. pg_dump | pg_restore into the new database.
-    let target = pg_target(cfg);
+    let target = PgTarget::new(&cfg.services.postgres);
     let admin =
         target.connect("postgres", Duration::from_secs(30)).await.map_err(|e| MigrateError::Local(e.to_string()))?;
     admin
@@ -302,7 +297,7 @@ pub async fn migrate(
     let copied = copy(&src, &snapshot, cfg, &new).await;
     let _ = snap.batch_execute("COMMIT").await;
     if let Err(e) = copied {
-        let _ = crate::backup::verify::drop_database(cfg, &new).await;
+        let _ = super::verify::drop_database(cfg, &new).await;
         return Err(e);
     }
 
@@ -315,14 +310,8 @@ pub async fn migrate(
     drop(copy_client);
     let checks = compare(&source_now, &target_now);
     let ok = checks.iter().all(|c| c.ok);
-    let mut report = Report {
-        database: new.clone(),
-        started_at,
-        finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        ok,
-        checks,
-        kept: None,
-    };
+    let mut report =
+        Report { database: new.clone(), started_at, finished_at: crate::units::now_rfc3339(), ok, checks, kept: None };
     for line in report.text().lines() {
         progress(format!("verify: {line}"));
     }
@@ -344,7 +333,7 @@ pub async fn migrate(
     // 4. Swap.
     if let Some(systemd) = swap {
         progress(format!("swap: {new} → {live}"));
-        let kept = crate::restore::swap_in(cfg, systemd, &live, &new, &ts, progress).await?;
+        let kept = super::swap::swap_in(cfg, systemd, &live, &new, &ts, progress).await?;
         report.kept = kept;
         report.database = live;
         write(&report);
@@ -353,7 +342,7 @@ pub async fn migrate(
 }
 
 async fn copy(src: &SourceConn, snapshot: &str, cfg: &Config, new: &str) -> Result<(), MigrateError> {
-    let target = pg_target(cfg);
+    let target = PgTarget::new(&cfg.services.postgres);
     let local = |e: crate::pg::PgError| MigrateError::Local(e.to_string());
     let mut dump = src
         .pg_dump(target.tool("pg_dump").map_err(local)?, snapshot)

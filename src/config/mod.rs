@@ -1,0 +1,370 @@
+//! Configuration: `/etc/caretaker/caretaker.toml`, then drop-ins from `/etc/caretaker/caretaker.d/*.toml`
+//! and `/run/caretaker/caretaker.d/*.toml`, merged in that order (later files win, tables merge key by
+//! key, arrays are replaced whole). Keys are kebab-case; unknown keys and wrong types are rejected with
+//! the file, line and column. Every field has a default: the defaults are the Zmanim profile.
+//!
+//! Loading has three stages: each file is parsed and type-checked on its own (so an error points into
+//! the file that holds it), the files are merged as TOML values while remembering which file set each
+//! key, and the merged value is checked as a whole (cross-field rules), naming the file of the key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+mod load;
+mod redact;
+mod services;
+mod validate;
+
+pub use load::{ConfigError, Loaded, Sources, load};
+pub use redact::{redact_url_password, redacted, without_nulls};
+pub use services::*;
+pub use validate::parse_public_key;
+
+/// The main file read when no `--config` is given.
+pub const MAIN_FILE: &str = "/etc/caretaker/caretaker.toml";
+/// Drop-in folders, merged in this order after the main file.
+pub const DROPIN_DIRS: &[&str] = &["/etc/caretaker/caretaker.d", "/run/caretaker/caretaker.d"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub aws: AwsConfig,
+    pub volume: VolumeConfig,
+    pub services: ServicesConfig,
+    pub secrets: SecretsConfig,
+    pub notify: NotifyConfig,
+    pub supervise: SuperviseConfig,
+    pub provision: ProvisionConfig,
+    pub backup: BackupConfig,
+    pub release: ReleaseConfig,
+}
+
+/// The daemon itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Log level (error, warn, info, debug, trace); `CARETAKER_LOG` overrides it.
+    pub log_level: LogLevel,
+    /// D-Bus address of the bus to own our name on and to reach systemd through. Unset: the system
+    /// bus (or `DBUS_SYSTEM_BUS_ADDRESS`).
+    pub bus_address: Option<String>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig { log_level: LogLevel::Info, bus_address: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// Where AWS is. Every endpoint can be pointed elsewhere (tests use moto and an IMDS fake).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Region; unset means: ask IMDS.
+    pub region: Option<String>,
+    /// Base URL of the instance metadata service (IMDSv2 only; never v1).
+    pub imds_endpoint: String,
+    /// Upper bound for all IMDS work of one command, retries included (IMDS can lag early in boot).
+    pub imds_deadline: Seconds,
+    pub s3_endpoint: Option<String>,
+    pub ssm_endpoint: Option<String>,
+    pub ses_endpoint: Option<String>,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: None,
+            imds_endpoint: "http://169.254.169.254".into(),
+            imds_deadline: Seconds::from_secs(60),
+            s3_endpoint: None,
+            ssm_endpoint: None,
+            ses_endpoint: None,
+        }
+    }
+}
+
+/// The EBS data volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Which device holds the data: an EBS volume id (`vol-0abc…`), the device name asked for at
+    /// attach time (`/dev/sdf` or `sdf`), or a device path (`/dev/nvme1n1`, `/dev/loop3`).
+    pub device: VolumeSelector,
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Filesystem made on a blank volume (a volume with any signature is never formatted).
+    pub filesystem: Filesystem,
+    pub mount_options: String,
+    /// How long to wait for a volume that is attached late.
+    pub attach_timeout: Seconds,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            device: VolumeSelector::DeviceName("sdf".into()),
+            mount_point: "/data".into(),
+            filesystem: Filesystem::Xfs,
+            mount_options: "defaults,noatime".into(),
+            attach_timeout: Seconds::from_secs(120),
+        }
+    }
+}
+
+/// How the data volume is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSelector {
+    /// `vol-0123456789abcdef0`: matched against the NVMe serial of EBS devices.
+    VolumeId(String),
+    /// `sdf`: the block-device name requested at attach time, as EBS reports it in the NVMe vendor data.
+    DeviceName(String),
+    /// An explicit path (non-Nitro hosts, loop devices in the lab).
+    Path(PathBuf),
+}
+
+impl VolumeSelector {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(hex) = s.strip_prefix("vol-") {
+            if (hex.len() == 8 || hex.len() == 17) && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(VolumeSelector::VolumeId(s.to_ascii_lowercase()));
+            }
+            return Err(format!("`{s}` looks like a volume id but is not `vol-` and 8 or 17 hex digits"));
+        }
+        let short = s.strip_prefix("/dev/").unwrap_or(s);
+        let is_attach_name = |n: &str| {
+            let (prefix, rest) = if let Some(r) = n.strip_prefix("xvd") {
+                ("xvd", r)
+            } else if let Some(r) = n.strip_prefix("sd") {
+                ("sd", r)
+            } else {
+                return false;
+            };
+            !prefix.is_empty() && (1..=2).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_lowercase())
+        };
+        if is_attach_name(short) {
+            return Ok(VolumeSelector::DeviceName(short.to_string()));
+        }
+        if s.starts_with("/dev/") && s.len() > 5 && !s.contains("..") {
+            return Ok(VolumeSelector::Path(PathBuf::from(s)));
+        }
+        Err(format!("`{s}` is not a volume id (vol-…), an attach-time device name (sdf, /dev/xvdg) or a /dev/ path"))
+    }
+}
+
+impl fmt::Display for VolumeSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VolumeSelector::VolumeId(v) => f.write_str(v),
+            VolumeSelector::DeviceName(n) => write!(f, "/dev/{n}"),
+            VolumeSelector::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for VolumeSelector {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VolumeSelector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        VolumeSelector::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filesystem {
+    Xfs,
+    Ext4,
+}
+
+/// Backups to S3.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BackupConfig {
+    /// The bucket; unset disables backups.
+    pub bucket: Option<String>,
+    /// Key prefix: objects live at `PREFIX/KIND/YYYY/MM/DD/ID/`.
+    pub prefix: String,
+    /// The PostgreSQL database dumped.
+    pub database: String,
+    pub zstd_level: i32,
+    /// Bytes per uploaded part at the start (grows for very large streams; at least 5 MiB).
+    pub part_size: u64,
+    /// Parts uploaded at once; the stream holds at most part-size × (parts-in-flight + 2) bytes.
+    pub parts_in_flight: usize,
+    /// age X25519 recipients (`age1…`). When empty, the passphrase below is used.
+    pub recipients: Vec<String>,
+    /// The env file (a `[[secrets.file]]` name) and variable holding the backup passphrase.
+    pub passphrase_file: String,
+    pub passphrase_var: String,
+    /// With recipients: the variable of that env file holding the matching age identity
+    /// (`AGE-SECRET-KEY-1…`), needed to verify and restore. Without it backups are still taken.
+    pub identity_var: String,
+    /// Retention: the newest backup of each of the last N days, and of each of the last M weeks.
+    /// The newest backup and the newest verified backup are always kept.
+    pub keep_daily: usize,
+    pub keep_weekly: usize,
+    /// When postgres and redis are backed up (UTC calendar expression, e.g. "03:00", "Mon..Fri
+    /// 02:30", "0,12:00"), or "off". A run missed while the box was off runs soon after start.
+    pub schedule: String,
+    /// When the newest backups get their restore drill, or "off".
+    pub verify_schedule: String,
+    /// Each scheduled run waits a random delay up to this (spreads many boxes' load).
+    pub random_delay: Seconds,
+    /// A run missed while the daemon was not running starts this long after the daemon does
+    /// (the services settle first).
+    pub catch_up_delay: Seconds,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            bucket: None,
+            prefix: "caretaker".into(),
+            database: "zmanim".into(),
+            zstd_level: 3,
+            part_size: 6 << 20,
+            parts_in_flight: 2,
+            recipients: vec![],
+            passphrase_file: "caretaker".into(),
+            passphrase_var: "BACKUP_PASSPHRASE".into(),
+            identity_var: "BACKUP_AGE_IDENTITY".into(),
+            keep_daily: 7,
+            keep_weekly: 4,
+            schedule: "03:00".into(),
+            verify_schedule: "Sun 04:00".into(),
+            random_delay: Seconds::from_secs(0),
+            catch_up_delay: Seconds::from_secs(120),
+        }
+    }
+}
+
+/// Releases of the API: where `caretaker update` fetches them and how it checks them.
+/// Layout in the bucket: `APP/VERSION/ARTIFACT`, `APP/VERSION/SHA256SUMS` (sha256sum lines),
+/// optionally `APP/VERSION/SHA256SUMS.sig`, and `APP/LATEST` holding the newest version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReleaseConfig {
+    /// The releases bucket; unset disables updates.
+    pub bucket: Option<String>,
+    /// First key component: the application's folder in the bucket.
+    pub app: String,
+    /// The executable's file name, in the bucket and under `services.api.install-dir/releases/VERSION/`.
+    pub artifact: String,
+    /// Ed25519 public key, 64 hex digits (the raw 32-byte key). When set, a release is installed only
+    /// with a valid `SHA256SUMS.sig` (the raw 64-byte signature, or it in hex) over `SHA256SUMS`.
+    pub public_key: Option<String>,
+    /// Releases kept on disk after a successful update; the current and the previous one are kept
+    /// whatever this says.
+    pub keep: usize,
+    /// The health gate after a switch: this many consecutive healthy probes ...
+    pub health_gate_consecutive: u32,
+    /// ... within this long, or the update is rolled back.
+    pub health_gate_timeout: Seconds,
+}
+
+impl Default for ReleaseConfig {
+    fn default() -> Self {
+        ReleaseConfig {
+            bucket: None,
+            app: "zmanim-api".into(),
+            artifact: "zmanim-api".into(),
+            public_key: None,
+            keep: 3,
+            health_gate_consecutive: 3,
+            health_gate_timeout: Seconds::from_secs(60),
+        }
+    }
+}
+
+/// Alert emails through SES.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Verified SES sender; unset disables email (alerts are still logged and shown in status).
+    pub sender: Option<String>,
+    pub recipients: Vec<String>,
+    /// At most this many emails per hour; more are logged, not sent.
+    pub max_per_hour: u32,
+    /// Start of every subject line.
+    pub subject_prefix: String,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig { sender: None, recipients: vec![], max_per_hour: 12, subject_prefix: "[caretaker]".into() }
+    }
+}
+
+/// A duration written as `30s`, `5m`, `1h 30m` or a plain number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seconds(pub Duration);
+
+impl Seconds {
+    pub const fn from_secs(s: u64) -> Self {
+        Seconds(Duration::from_secs(s))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration such as \"30s\", \"5m\" or a number of seconds")
+        })? {
+            Raw::Int(n) => Ok(Seconds::from_secs(n)),
+            Raw::Text(t) => humantime::parse_duration(&t).map(Seconds).map_err(|e| {
+                serde::de::Error::custom(format!("`{t}` is not a duration ({e}); write e.g. \"30s\" or \"5m\""))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
