@@ -143,7 +143,7 @@ async fn start_background(
 ) {
     let alerts = build_alerts(&cfg).await;
     jobs.set_alerts(alerts.clone());
-    reconcile_releases(&cfg, systemd.as_ref()).await;
+    reconcile_releases(&cfg, systemd.as_ref(), &alerts).await;
     if cfg.backup.bucket.is_some() {
         // Leftovers of a killed restore or drill; postgres may come up only once supervision starts it.
         let cfg = cfg.clone();
@@ -171,7 +171,11 @@ async fn start_background(
 
 /// After a daemon killed mid-update: `current` back at a complete, verified release, and the API
 /// restarted when it may be running something else.
-async fn reconcile_releases(cfg: &crate::config::Config, systemd: Option<&crate::systemd::manager::Systemd>) {
+async fn reconcile_releases(
+    cfg: &crate::config::Config,
+    systemd: Option<&crate::systemd::manager::Systemd>,
+    alerts: &crate::notify::Alerts,
+) {
     let dir = &cfg.services.api.install_dir;
     let r = match tokio::task::spawn_blocking({
         let dir = dir.clone();
@@ -199,11 +203,29 @@ async fn reconcile_releases(cfg: &crate::config::Config, systemd: Option<&crate:
             return;
         };
         info!("restarting {unit} so that it runs {} (an update was interrupted)", r.current.as_deref().unwrap_or("?"));
-        match systemd.restart(&unit, cfg.supervise.start_timeout.get()).await {
-            Ok(out) if out.state.is_active() => info!("{unit} restarted after the repair"),
-            Ok(out) => error!("{unit} is {} after its restart ({})", out.state.active_state, out.state.result),
-            Err(e) => error!("{e}"),
-        }
+        let problem = match systemd.restart(&unit, cfg.supervise.start_timeout.get()).await {
+            Ok(out) if out.state.is_active() => {
+                info!("{unit} restarted after the repair");
+                alerts.resolve("api:reconcile", &format!("{unit} runs again after the repair."));
+                return;
+            }
+            Ok(out) => format!("{unit} is {} after its restart ({})", out.state.active_state, out.state.result),
+            Err(e) => e.to_string(),
+        };
+        error!("{problem}");
+        alerts.open(
+            "api:reconcile",
+            crate::notify::Alert {
+                subject: format!("{unit} did not come back after an interrupted update was repaired"),
+                what_failed: format!("An update was interrupted; the release link was repaired, but {problem}."),
+                what_done: format!(
+                    "current points at {}, a complete, verified release.",
+                    r.current.as_deref().unwrap_or("?")
+                ),
+                what_safe: "The data is untouched; the previous releases are on disk.".into(),
+                next: format!("systemctl status {unit}; journalctl -u {unit} -n 100; then `caretaker status`"),
+            },
+        );
     }
 }
 

@@ -189,3 +189,30 @@ fn a_daemon_killed_between_switch_and_gate_is_reconciled_on_restart() {
     wait_for_version(&b, "v1", Duration::from_secs(15));
     assert!(b.journal("caretaker.service").contains("an update was interrupted"));
 }
+
+#[test]
+fn an_api_left_failed_by_its_start_limit_is_started_again_by_the_next_update() {
+    let (b, moto) = rig("upd-limit");
+    publish(&moto, "v2", &artifact("v2", false));
+    b.write_file(
+        "/run/systemd/system/zmanim-api.service.d/50-limit.conf",
+        b"[Unit]\nStartLimitIntervalSec=300\nStartLimitBurst=2\n[Service]\nRestart=no\n",
+        0o644,
+    )
+    .unwrap();
+    b.sh_ok("systemctl daemon-reload");
+    // What a daemon killed mid-update (or a crash loop) can leave: the API failed by the start
+    // limit, so that systemd refuses to start it.
+    b.sh("systemctl restart zmanim-api.service; systemctl restart zmanim-api.service; systemctl restart zmanim-api.service; systemctl kill zmanim-api.service");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!b.sh("systemctl start zmanim-api.service").status.success(), "the start limit should refuse a start");
+    assert_eq!(b.sh_ok("systemctl show -p Result --value zmanim-api.service").trim(), "start-limit-hit");
+
+    let out = b.sh("caretaker update --version v2");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n{}", b.journal("caretaker.service"));
+    assert!(text.contains("updated from v1 to v2"), "{text}");
+    wait_for_version(&b, "v2", Duration::from_secs(10));
+    assert_eq!(b.sh_ok("systemctl is-active zmanim-api.service").trim(), "active");
+    assert!(b.journal("caretaker.service").contains("Result=start-limit-hit"), "the reset is logged");
+}

@@ -154,13 +154,8 @@ impl Watch {
                 }
                 warn!(unit = %self.unit, "running but not healthy yet: {:?}", r.health);
             }
-            Ok(st) => {
-                if st.is_failed() {
-                    info!(unit = %self.unit, result = %st.result, "{}: resetting its failed state (Result={}, e.g. the start limit) before starting", self.unit, st.result);
-                    if let Err(e) = self.systemd.reset_failed(&self.unit).await {
-                        warn!("{e}");
-                    }
-                }
+            Ok(_) => {
+                // A failed state (the start limit) is cleared by `Systemd::start` itself.
                 info!(unit = %self.unit, "{}: starting", self.unit);
                 match self.systemd.start(&self.unit, timeout).await {
                     Ok(out) if !out.state.is_active() => warn!(unit = %self.unit, job = %out.job_result,
@@ -296,14 +291,7 @@ impl Watch {
             }
         }
         self.transition(SvcState::Restarting, &format!("restarting: {reason}"));
-        if let Ok(st) = self.systemd.state(&self.unit).await
-            && st.is_failed()
-        {
-            info!(unit = %self.unit, result = %st.result, "{}: resetting its failed state (Result={}, e.g. the start limit) before restarting", self.unit, st.result);
-            if let Err(e) = self.systemd.reset_failed(&self.unit).await {
-                warn!("{e}");
-            }
-        }
+        // A failed state (the start limit) is cleared by `Systemd::restart` itself.
         match self.systemd.restart(&self.unit, sup.start_timeout.get()).await {
             Ok(out) => info!(unit = %self.unit, job = %out.job_result, state = %out.state.active_state,
                 "{}: restart job {}, unit {}", self.unit, out.job_result, out.state.active_state),

@@ -197,7 +197,23 @@ impl Systemd {
         Ok(JobOutcome { job_result, state })
     }
 
+    /// A failed unit refuses to start while its start limit is hit (`start-limit-hit`): every
+    /// start and restart caretaker asks for first clears the failed state, so a unit that a crash,
+    /// a killed update or a restart storm left failed runs again (the Result is logged first).
+    async fn reset_if_failed(&self, unit: &str) {
+        if let Ok(st) = self.state(unit).await
+            && st.is_failed()
+        {
+            tracing::info!(unit, result = %st.result, "{unit}: resetting its failed state (Result={}, e.g. the start limit) before starting it", st.result);
+            if let Err(e) = self.reset_failed(unit).await {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Starts `unit` (clearing a failed state first, see [`Self::reset_if_failed`]).
     pub async fn start(&self, unit: &str, timeout: Duration) -> Result<JobOutcome, SystemdError> {
+        self.reset_if_failed(unit).await;
         self.job("StartUnit", unit, timeout).await
     }
 
@@ -205,7 +221,9 @@ impl Systemd {
         self.job("StopUnit", unit, timeout).await
     }
 
+    /// Restarts `unit` (clearing a failed state first, see [`Self::reset_if_failed`]).
     pub async fn restart(&self, unit: &str, timeout: Duration) -> Result<JobOutcome, SystemdError> {
+        self.reset_if_failed(unit).await;
         self.job("RestartUnit", unit, timeout).await
     }
 
