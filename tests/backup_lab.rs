@@ -328,3 +328,45 @@ fn a_daemon_killed_mid_backup_leaves_no_stale_upload_after_restart_and_the_next_
     let out = b.sh("caretaker backup now --kind postgres");
     assert!(out.status.success(), "the next backup succeeds: {}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[test]
+fn decrypt_errors_under_the_shipped_unit_say_what_is_wrong_and_never_panic() {
+    let (b, moto) = drill_rig("bk-age");
+    let out = b.sh("caretaker backup now --kind postgres");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let list =
+        b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres");
+    let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    let id = manifests[0]["id"].as_str().unwrap().to_string();
+    let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
+    let original = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().body;
+    let verify = |b: &LabBox| {
+        let out = b.sh(&format!("caretaker backup verify {id} --kind postgres"));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        for bad in ["LanguageNotAvailable", "poisoned", "panicked", "age.ftl"] {
+            assert!(!text.contains(bad), "{bad} in: {text}\n{}", b.journal("caretaker.service"));
+        }
+        text
+    };
+
+    // A damaged header (the first line of an age file names its version).
+    let mut damaged = original.clone();
+    damaged[3] ^= 0x20;
+    assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], &damaged).unwrap().status, 200);
+    let text = verify(&b);
+    assert!(text.contains("damaged or was altered") && text.contains("age header"), "{text}");
+
+    // The intact object, but the box holds another identity: a key problem, not damage; and the
+    // same daemon still words it properly after the first error.
+    assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], &original).unwrap().status, 200);
+    use age::secrecy::ExposeSecret;
+    let other = age::x25519::Identity::generate();
+    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", other.to_string().expose_secret());
+    b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
+    let text = verify(&b);
+    assert!(text.contains("cannot decrypt") && text.contains("no matching key"), "{text}");
+    assert!(!text.contains("damaged"), "a wrong identity is not damage: {text}");
+    let journal = b.journal("caretaker.service");
+    assert!(!journal.contains("panicked"), "{journal}");
+}

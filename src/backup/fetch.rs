@@ -85,6 +85,37 @@ pub enum FetchError {
     Sink(io::Error),
 }
 
+/// age's errors in caretaker's own words. Never through age's `Display`: that goes through its
+/// message catalogue, which a debug build reads from the build machine's disk at run time (under
+/// the service's sandbox that read fails, and the first failure poisons every later message).
+pub fn decrypt_error(e: age::DecryptError) -> FetchError {
+    use age::DecryptError as E;
+    match e {
+        E::InvalidHeader => FetchError::Damaged("the age header is invalid".into()),
+        E::UnknownFormat => FetchError::Damaged("the age header names an unknown format (from a newer age?)".into()),
+        E::InvalidMac => FetchError::Damaged("the age header's MAC does not verify".into()),
+        E::Io(e) => FetchError::Damaged(format!("reading the age header: {}", io_error(&e))),
+        E::NoMatchingKeys => {
+            FetchError::Key("no matching key: the backup was encrypted for another identity or passphrase".into())
+        }
+        E::DecryptionFailed | E::KeyDecryptionFailed => {
+            FetchError::Key("the file key did not decrypt: wrong passphrase or identity".into())
+        }
+        E::ExcessiveWork { required, target } => FetchError::Key(format!(
+            "the passphrase's work factor 2^{required} is above the limit 2^{target} caretaker accepts"
+        )),
+    }
+}
+
+/// An I/O error by its kind, plus its text only when it is one of ours (std's own messages are
+/// plain; age's come from its catalogue).
+fn io_error(e: &io::Error) -> String {
+    match e.get_ref() {
+        Some(inner) if inner.to_string().starts_with("download failed") => inner.to_string(),
+        _ => format!("{:?}", e.kind()),
+    }
+}
+
 /// Stored bytes from the download task, read synchronously by the decoder thread.
 struct ChannelReader {
     rx: mpsc::Receiver<Result<Bytes, String>>,
@@ -153,18 +184,15 @@ where
     let decoder = tokio::task::spawn_blocking(move || -> Result<Fetched, FetchError> {
         let mut reader = ChannelReader { rx: in_rx, buf: Bytes::new(), hash: Sha256::new(), total: 0 };
         let plain_out = {
-            let decryptor =
-                age::Decryptor::new(&mut reader).map_err(|e| FetchError::Damaged(format!("age header: {e}")))?;
+            let decryptor = age::Decryptor::new(&mut reader).map_err(decrypt_error)?;
             let decrypted = match decryption {
-                Decryption::Identities(ids) => decryptor
-                    .decrypt(ids.iter().map(|i| i as &dyn age::Identity))
-                    .map_err(|e| FetchError::Key(e.to_string()))?,
+                Decryption::Identities(ids) => {
+                    decryptor.decrypt(ids.iter().map(|i| i as &dyn age::Identity)).map_err(decrypt_error)?
+                }
                 Decryption::Passphrase(p) => {
                     let mut id = age::scrypt::Identity::new(p);
                     id.set_max_work_factor(20);
-                    decryptor
-                        .decrypt(std::iter::once(&id as &dyn age::Identity))
-                        .map_err(|e| FetchError::Key(e.to_string()))?
+                    decryptor.decrypt(std::iter::once(&id as &dyn age::Identity)).map_err(decrypt_error)?
                 }
             };
             let mut z = zstd::stream::read::Decoder::new(decrypted).map_err(|e| FetchError::Damaged(e.to_string()))?;
