@@ -27,6 +27,9 @@ pub enum PgError {
     Timeout(Duration),
     #[error("query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// caretaker refused before asking PostgreSQL (the message says why).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Where and as whom to connect.

@@ -197,3 +197,100 @@ fn a_failed_redis_restore_puts_the_old_data_back() {
     assert_eq!(b.sh_ok("redis-cli exists live").trim(), "1");
     assert_eq!(b.sh_ok("systemctl is-active redis-server.service").trim(), "active");
 }
+
+#[test]
+fn a_restore_into_another_database_leaves_the_api_running_and_a_kill_leaves_nothing_behind() {
+    let (b, _moto) = rig("rs-other", 400_000);
+    backup(&b);
+    let api_pid = || b.sh_ok("systemctl show -p MainPID --value zmanim-api.service").trim().to_string();
+    let pid = api_pid();
+
+    // PostgreSQL's own databases are never a target.
+    for system in ["template1", "postgres", "template0"] {
+        let out = b.sh(&format!("caretaker restore postgres --target-db {system}"));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_ne!(out.status.code(), Some(0), "{system}: {text}");
+        assert!(text.contains("PostgreSQL's own databases"), "{system}: {text}");
+    }
+
+    // A daemon killed while restoring into `reports`: its `reports_restore_*` is dropped at the
+    // next start, although `reports` is not the configured database.
+    b.sh_ok("systemd-run --unit=rs-other-cli --collect caretaker restore postgres --target-db reports");
+    let end = Instant::now() + Duration::from_secs(60);
+    while !databases(&b).contains("reports_restore_") {
+        assert!(Instant::now() < end, "the restore never created its database: {}", b.journal("caretaker.service"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.sh_ok("kill -KILL $(systemctl show -p MainPID --value caretaker.service)");
+    let end = Instant::now() + Duration::from_secs(45);
+    while databases(&b).contains("reports_restore_") {
+        assert!(Instant::now() < end, "leftover not dropped: {}\n{}", databases(&b), b.journal("caretaker.service"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(b.journal("caretaker.service").contains("left by an interrupted restore"));
+
+    // The same restore, to its end: the API (whose database is zmanim) is never stopped.
+    let end = Instant::now() + Duration::from_secs(30);
+    while !b.sh("caretaker status").status.success() {
+        assert!(Instant::now() < end, "the daemon did not come back");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = b.sh("caretaker restore postgres --target-db reports");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", b.journal("caretaker.service"));
+    assert!(stdout.contains("the API keeps running"), "{stdout}");
+    assert!(databases(&b).split(' ').any(|d| d == "reports"), "{}", databases(&b));
+    assert_eq!(api_pid(), pid, "the API was not restarted");
+}
+
+#[test]
+fn a_restore_without_room_is_refused_or_stopped_and_postgres_never_panics() {
+    let (b, _moto) = rig("rs-room", 800_000);
+    backup(&b);
+    let live = fingerprint(&b, "zmanim");
+    // Leave `keep_mib` free on the filesystem of PostgreSQL's data (the box's root) with `file`.
+    let fill = |file: &str, keep_mib: u64| {
+        b.sh_ok(&format!(
+            "avail=$(df -B1 --output=avail /var/lib/postgresql | tail -1); \
+             fallocate -l $((avail - {keep_mib} * 1048576)) /var/tmp/{file}"
+        ));
+    };
+
+    // Up front: 1 GiB free is less than the new database + WAL (max_wal_size 1 GB) + the reserve.
+    fill("filler", 1024);
+    let out = b.sh("caretaker restore postgres");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("not enough room") && stdout.contains("reserve") && stdout.contains("free"), "{stdout}");
+    assert!(!stdout.contains("swap:"), "{stdout}");
+    assert!(!databases(&b).contains("_restore_"), "nothing was created: {}", databases(&b));
+
+    // While it runs: there was room at the start (WAL allowance 64 MB, ~110 MiB new database,
+    // 512 MiB reserve, 800 MiB free), then something else takes it: 300 MiB are left.
+    b.sh_ok("rm -f /var/tmp/filler");
+    psql(&b, "postgres", "alter system set max_wal_size = '64MB'");
+    psql(&b, "postgres", "select pg_reload_conf()");
+    fill("filler", 800);
+    b.sh_ok("systemd-run --unit=rs-room-cli --collect --property=StandardOutput=file:/var/tmp/rs-room.out caretaker restore postgres");
+    let end = Instant::now() + Duration::from_secs(60);
+    while !databases(&b).contains("zmanim_restore_") {
+        assert!(Instant::now() < end, "the restore never created its database: {}", b.journal("caretaker.service"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fill("filler2", 300);
+    let end = Instant::now() + Duration::from_secs(60);
+    while b.sh("systemctl is-active rs-room-cli.service").status.success() {
+        assert!(Instant::now() < end, "the restore did not stop: {}", b.journal("caretaker.service"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = b.sh_ok("cat /var/tmp/rs-room.out");
+    b.sh_ok("rm -f /var/tmp/filler /var/tmp/filler2");
+    assert!(out.contains("stopped: only"), "{out}");
+    assert!(!out.contains("restored backup"), "{out}");
+    // PostgreSQL stayed up the whole time, all rows there, no PANIC; the new database is gone.
+    assert_eq!(fingerprint(&b, "zmanim"), live);
+    assert!(!databases(&b).contains("_restore_"), "{}", databases(&b));
+    let pg_log =
+        b.sh_ok("journalctl -q --no-pager -u 'postgresql*' ; cat /var/log/postgresql/*.log 2>/dev/null || true");
+    assert!(!pg_log.contains("PANIC") && !pg_log.contains("No space left"), "{pg_log}");
+}

@@ -287,14 +287,24 @@ pub async fn migrate(
 
     // 2. pg_dump | pg_restore into the new database.
     let target = PgTarget::new(&cfg.services.postgres);
-    let admin =
-        target.connect("postgres", Duration::from_secs(30)).await.map_err(|e| MigrateError::Local(e.to_string()))?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(&new)))
-        .await
-        .map_err(|e| MigrateError::Local(e.to_string()))?;
+    let source_bytes: Option<i64> =
+        snap.query_one("SELECT pg_database_size(current_database())", &[]).await.ok().map(|r| r.get(0));
+    let need = super::room::estimate(source_bytes.and_then(|b| u64::try_from(b).ok()), 0);
+    let plan = super::room::check(
+        &target,
+        &cfg.services.postgres.data_dir,
+        cfg.backup.restore_reserve,
+        need,
+        &format!("the copy of {}", src.describe()),
+    )
+    .await
+    .map_err(MigrateError::Local)?;
+    super::leftovers::create_database(&target, &new).await.map_err(|e| MigrateError::Local(e.to_string()))?;
     progress(format!("restore: pg_dump of {} streaming into the new database {new}", src.describe()));
-    let copied = copy(&src, &snapshot, cfg, &new).await;
+    let copied = tokio::select! {
+        r = copy(&src, &snapshot, cfg, &new) => r,
+        why = super::room::until_short(&plan) => Err(MigrateError::Local(why)),
+    };
     let _ = snap.batch_execute("COMMIT").await;
     if let Err(e) = copied {
         let _ = super::verify::drop_database(cfg, &new).await;

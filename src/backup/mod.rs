@@ -4,6 +4,8 @@
 pub mod alerts;
 /// The way back: S3 → age → zstd → a sink, hashed.
 pub mod fetch;
+/// What jobs create beside the live data, recorded so that a killed job leaves nothing behind.
+pub mod leftovers;
 /// Migration from an external PostgreSQL: copy, prove equal, then swap.
 pub mod migrate;
 /// PostgreSQL: one snapshot for the dump and exact row counts.
@@ -14,6 +16,8 @@ pub mod redis;
 pub mod restore;
 /// Which backups to keep.
 pub mod retention;
+/// Room for a second copy: checked before, watched during a load.
+pub mod room;
 /// One backup end to end, the manifest, listing.
 pub mod run;
 /// plaintext → zstd → age → S3 multipart, bounded memory, no disk.

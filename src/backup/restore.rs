@@ -59,6 +59,18 @@ pub struct PgRestored {
     pub rows: i64,
 }
 
+/// Why `name` may not be replaced by a restore: PostgreSQL's own databases (`postgres`, the
+/// templates) and the names caretaker gives its own new, kept and scratch databases.
+pub fn refused_target(name: &str) -> Option<String> {
+    if ["postgres", "template0", "template1"].contains(&name) {
+        return Some(format!("`{name}` is one of PostgreSQL's own databases: a restore never replaces it"));
+    }
+    if super::leftovers::is_ours(name) || name.contains("_pre_restore_") || name.contains("_failed_restore_") {
+        return Some(format!("`{name}` is a database caretaker made for a restore, drill or migration"));
+    }
+    None
+}
+
 /// Restores PostgreSQL backup `backup` (`latest` or an id) as database `target` (default
 /// `backup.database`). See the module docs for the order of things.
 pub async fn restore_postgres(
@@ -70,6 +82,9 @@ pub async fn restore_postgres(
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<PgRestored, RestoreError> {
     let live = target.unwrap_or(&cfg.backup.database).to_string();
+    if let Some(why) = refused_target(&live) {
+        return Err(RestoreError::Refused(why));
+    }
     let m = verify::find(cfg, s3, Kind::Postgres, backup).await?;
     let ts = stamp(SystemTime::now());
     let new = format!("{live}_restore_{ts}");
@@ -88,6 +103,7 @@ pub async fn restore_postgres(
 
     let kept = swap_in(cfg, systemd, &live, &new, &ts, progress).await?;
     info!("restored backup {} as {live}; the previous database: {kept:?}", m.id);
+    warn_if_nearly_full(cfg, kept.as_deref(), progress).await;
     Ok(PgRestored {
         backup: m.id.clone(),
         database: live,
@@ -95,6 +111,30 @@ pub async fn restore_postgres(
         tables: loaded.tables.len(),
         rows: loaded.tables.values().map(|(e, _)| e).sum(),
     })
+}
+
+/// After a restore: says so when the data's filesystem is nearly full, and what dropping the kept
+/// previous database would give back.
+async fn warn_if_nearly_full(cfg: &Config, kept: Option<&str>, progress: &(dyn Fn(String) + Send + Sync)) {
+    let target = PgTarget::new(&cfg.services.postgres);
+    let Ok(admin) = target.connect("postgres", Duration::from_secs(10)).await else { return };
+    let dir: Option<String> = admin.query_one("SHOW data_directory", &[]).await.ok().map(|r| r.get(0));
+    let dir =
+        dir.map(PathBuf::from).filter(|p| p.is_absolute()).unwrap_or_else(|| cfg.services.postgres.data_dir.clone());
+    let Ok(room) = super::room::measure(&dir) else { return };
+    let kept_bytes = match kept {
+        Some(name) => admin
+            .query_one("SELECT pg_database_size($1)", &[&name])
+            .await
+            .ok()
+            .and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok())
+            .map(|b| (name, b)),
+        None => None,
+    };
+    if let Some(line) = super::room::nearly_full(&room, kept_bytes) {
+        warn!("{line}");
+        progress(line);
+    }
 }
 
 /// A database a restore kept.
@@ -141,19 +181,31 @@ pub async fn drop_kept(cfg: &Config, name: &str) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// At daemon start (no job running): drops `DB_restore_TS` and `caretaker_verify_*` databases
-/// and removes `.FILE.restore-TS` downloads left by a killed restore or drill.
+/// At daemon start (no job running): drops the databases the record of created ones still names
+/// (any target database's `NAME_restore_TS`, `caretaker_verify_*`, `NAME_migrate_TS`), those of
+/// the configured database's shapes left by older versions, and removes `.FILE.restore-TS`
+/// downloads left by a killed restore or drill. Never a configured live database.
 pub async fn cleanup_leftovers(cfg: &Config) -> Vec<String> {
     let mut done = Vec::new();
     let db = &cfg.backup.database;
+    let recorded = super::leftovers::recorded();
     match PgTarget::new(&cfg.services.postgres).connect("postgres", Duration::from_secs(10)).await {
         Ok(admin) => {
             if let Ok(rows) = admin.query("SELECT datname FROM pg_database", &[]).await {
-                for r in rows {
-                    let name: String = r.get(0);
-                    let leftover =
-                        name.strip_prefix(db.as_str()).and_then(|r| r.strip_prefix("_restore_")).is_some_and(is_stamp)
-                            || name.starts_with("caretaker_verify_");
+                let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                for gone in recorded.iter().filter(|n| !existing.contains(n)) {
+                    super::leftovers::forget(gone);
+                }
+                for name in existing {
+                    let live = name == *db || name == cfg.provision.database;
+                    let leftover = !live
+                        && super::leftovers::is_ours(&name)
+                        && (recorded.contains(&name)
+                            || name
+                                .strip_prefix(db.as_str())
+                                .and_then(|r| r.strip_prefix("_restore_"))
+                                .is_some_and(is_stamp)
+                            || name.starts_with("caretaker_verify_"));
                     if leftover {
                         match verify::drop_database(cfg, &name).await {
                             Ok(()) => done

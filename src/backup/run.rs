@@ -177,6 +177,8 @@ pub async fn backup(
             progress(format!("postgres: exporting a snapshot of {db}"));
             let snapshot =
                 Snapshot::export(&target, db).await.map_err(|e| BackupError::Setup(format!("postgres: {e}")))?;
+            // How much room a restore of this backup will need (see backup::room).
+            let database_bytes = database_size(&target, db).await;
             let mut child = target
                 .tool("pg_dump")
                 .map_err(|e| BackupError::Setup(e.to_string()))?
@@ -207,7 +209,7 @@ pub async fn backup(
                     return Err(BackupError::Setup(format!("postgres: counting rows in the snapshot: {e}")));
                 }
             };
-            let details = serde_json::json!({ "database": db, "row_counts": counts });
+            let details = serde_json::json!({ "database": db, "row_counts": counts, "database_bytes": database_bytes });
             ("pg_dump".to_string(), tool_version("pg_dump").await, status, pending, details)
         }
         Kind::Redis => {
@@ -260,6 +262,13 @@ pub async fn backup(
         crate::units::human_rate(manifest.plain_bytes, clock.elapsed())
     ));
     Ok(manifest)
+}
+
+/// `pg_database_size` of `db` (None when PostgreSQL does not say).
+async fn database_size(target: &crate::pg::PgTarget, db: &str) -> Option<u64> {
+    let client = target.connect(db, std::time::Duration::from_secs(10)).await.ok()?;
+    let row = client.query_one("SELECT pg_database_size(current_database())", &[]).await.ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
 }
 
 /// The S3 client for backups: region from the configuration, else from firstboot's instance.env.

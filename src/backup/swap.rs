@@ -121,21 +121,29 @@ pub async fn swap_in(
     let (live, new) = (live.to_string(), new.to_string());
     let aside = format!("{live}_pre_restore_{ts}");
     // The point of no return is the rename; everything before it left the live data alone.
+    // The API is stopped (and health-gated after) only when its own database is swapped.
     let api = cfg.services.api.unit.to_string();
-    let _hold = maintenance::hold(&api, "restore in progress");
-    let api_active = api_was_active(systemd, &api).await;
+    let api_uses_it = live == cfg.provision.database;
+    let _hold = api_uses_it.then(|| maintenance::hold(&api, "restore in progress"));
+    let api_active = api_uses_it && api_was_active(systemd, &api).await;
+    if !api_uses_it {
+        progress(format!("swap: {live} is not the API's database ({}): the API keeps running", cfg.provision.database));
+    }
     if api_active {
         progress(format!("swap: stopping {api}"));
         if let Err(e) = stop(systemd, &api, cfg).await {
-            let _ = PgTarget::new(&cfg.services.postgres).drop_database(&new).await;
+            let _ = super::leftovers::drop_database(&PgTarget::new(&cfg.services.postgres), &new).await;
             return Err(e);
         }
     }
     progress(format!("swap: {live} → {aside} (kept), {new} → {live}"));
     let had_live = match swap(cfg, &live, &new, &aside).await {
-        Ok(h) => h,
+        Ok(h) => {
+            super::leftovers::forget(&new);
+            h
+        }
         Err(e) => {
-            let _ = PgTarget::new(&cfg.services.postgres).drop_database(&new).await;
+            let _ = super::leftovers::drop_database(&PgTarget::new(&cfg.services.postgres), &new).await;
             if api_active {
                 let _ = start(systemd, &api, cfg).await;
             }

@@ -18,7 +18,6 @@ use super::run::{self, DATA, Kind, Manifest, VERIFY};
 use crate::aws::s3::S3;
 use crate::config::Config;
 use crate::pg::PgTarget;
-use crate::pg::quote_ident;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -39,6 +38,9 @@ pub enum VerifyError {
     /// pg_restore could not be run or waited for.
     #[error("postgres: {0}")]
     PgRestore(String),
+    /// Not enough room for the new database beside the live one (the message has the numbers).
+    #[error("{0}")]
+    NoRoom(String),
     #[error("cancelled")]
     Cancelled,
 }
@@ -67,7 +69,7 @@ pub struct Loaded {
 
 /// Drops `database` if it exists, ending its sessions.
 pub async fn drop_database(cfg: &Config, database: &str) -> Result<(), VerifyError> {
-    Ok(PgTarget::new(&cfg.services.postgres).drop_database(database).await?)
+    Ok(super::leftovers::drop_database(&PgTarget::new(&cfg.services.postgres), database).await?)
 }
 
 /// Creates `database` (it must not exist), restores backup `m` into it and checks it against the
@@ -80,10 +82,24 @@ pub async fn load_postgres(
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<Loaded, VerifyError> {
     let target = PgTarget::new(&cfg.services.postgres);
-    let admin = target.connect("postgres", Duration::from_secs(30)).await?;
-    admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(database))).await?;
-    drop(admin);
-    let result = load_into(cfg, s3, m, database, progress).await;
+    let database_bytes = m.details.get("database_bytes").and_then(|v| v.as_u64());
+    let need = super::room::estimate(database_bytes, m.plain_bytes);
+    let what = format!("the backup {} as database {database}", m.id);
+    let plan = super::room::check(&target, &cfg.services.postgres.data_dir, cfg.backup.restore_reserve, need, &what)
+        .await
+        .map_err(VerifyError::NoRoom)?;
+    progress(format!(
+        "room: about {} needed on the filesystem of {}; the load stops if free space falls under {}",
+        crate::units::human_bytes(need),
+        plan.dir.display(),
+        crate::units::human_bytes(plan.floor)
+    ));
+    super::leftovers::create_database(&target, database).await?;
+    let result = tokio::select! {
+        r = load_into(cfg, s3, m, database, progress) => r,
+        // Dropping the load kills pg_restore (kill_on_drop) before the volume fills.
+        why = super::room::until_short(&plan) => Err(VerifyError::NoRoom(why)),
+    };
     if result.is_err()
         && let Err(e) = drop_database(cfg, database).await
     {

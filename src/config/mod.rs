@@ -246,6 +246,11 @@ pub struct BackupConfig {
     /// A run missed while the daemon was not running starts this long after the daemon does
     /// (the services settle first).
     pub catch_up_delay: Seconds,
+    /// Free space a restore, drill or migration always leaves to the live cluster on the
+    /// filesystem of PostgreSQL's data (bytes; at least 5 % of that filesystem is kept whatever
+    /// this says). A restore that would need more is refused up front; one that gets this close
+    /// while it runs is aborted and its new database dropped.
+    pub restore_reserve: u64,
 }
 
 impl Default for BackupConfig {
@@ -267,6 +272,7 @@ impl Default for BackupConfig {
             verify_schedule: "Sun 04:00".into(),
             random_delay: Seconds::from_secs(0),
             catch_up_delay: Seconds::from_secs(120),
+            restore_reserve: 512 << 20,
         }
     }
 }

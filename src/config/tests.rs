@@ -137,3 +137,15 @@ fn default_config_round_trips_through_toml() {
     let back: Config = toml::from_str(&text).unwrap();
     assert_eq!(back, Config::default());
 }
+
+#[test]
+fn a_rule_over_two_keys_names_the_file_that_set_one_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let dropin = write(dir.path(), "etc.d/10-fast.toml", "[supervise]\nprobe-interval = \"2s\"\n");
+    let e = load(&sources(dir.path())).unwrap_err().to_string();
+    assert!(e.starts_with(&dropin.display().to_string()), "{e}");
+    assert!(e.contains("supervise.probe-interval") && !e.contains("(defaults)"), "{e}");
+    let dropin = write(dir.path(), "etc.d/10-fast.toml", "[backup]\nparts-in-flight = 0\n");
+    let e = load(&sources(dir.path())).unwrap_err().to_string();
+    assert!(e.starts_with(&dropin.display().to_string()) && e.contains("backup.parts-in-flight"), "{e}");
+}

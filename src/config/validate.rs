@@ -21,6 +21,12 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
         key: key.to_string(),
         message,
     };
+    // A rule over several keys names the one a file set (the others are defaults), so that the
+    // error points at the file to fix rather than at "(defaults)".
+    let fail_among = |keys: &[&str], message: String| {
+        let key = keys.iter().find(|k| origins.contains_key(**k)).unwrap_or(&keys[0]);
+        fail(key, message)
+    };
     let url_check = |key: &str, url: &str| -> Result<(), ConfigError> {
         match url.split_once("://") {
             Some(("http" | "https", rest)) if !rest.is_empty() && !rest.starts_with('/') => Ok(()),
@@ -75,7 +81,14 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     }
     let sup = &config.supervise;
     if sup.probe_timeout >= sup.probe_interval {
-        return Err(fail("supervise.probe-timeout", "must be shorter than supervise.probe-interval".into()));
+        return Err(fail_among(
+            &["supervise.probe-timeout", "supervise.probe-interval"],
+            format!(
+                "supervise.probe-timeout ({}s) must be shorter than supervise.probe-interval ({}s)",
+                sup.probe_timeout.get().as_secs_f64(),
+                sup.probe_interval.get().as_secs_f64()
+            ),
+        ));
     }
     if sup.failures_before_restart == 0 {
         return Err(fail("supervise.failures-before-restart", "must be at least 1".into()));
@@ -117,8 +130,14 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if !(1..=19).contains(&b.zstd_level) {
         return Err(fail("backup.zstd-level", format!("{} is not a zstd level (1–19)", b.zstd_level)));
     }
-    if b.part_size < 5 << 20 || b.parts_in_flight == 0 || b.parts_in_flight > 32 {
-        return Err(fail("backup.part-size", "part-size must be at least 5 MiB and parts-in-flight 1–32".into()));
+    if b.part_size < 5 << 20 {
+        return Err(fail(
+            "backup.part-size",
+            format!("{} is less than S3's minimum part of 5 MiB (5242880)", b.part_size),
+        ));
+    }
+    if b.parts_in_flight == 0 || b.parts_in_flight > 32 {
+        return Err(fail("backup.parts-in-flight", format!("{} is not 1–32", b.parts_in_flight)));
     }
     for (key, text) in [("backup.schedule", &b.schedule), ("backup.verify-schedule", &b.verify_schedule)] {
         if text != "off"

@@ -198,6 +198,9 @@ impl Control {
                 "target database `{target_db}`: postgres only, lowercase letters, digits and _ (at most 40)"
             )));
         }
+        if let Some(why) = crate::backup::restore::refused_target(target_db) {
+            return Err(ControlError::InvalidArgs(format!("target database {why}")));
+        }
         let cfg = self.backup_config()?;
         let systemd = self.systemd()?;
         let body = bodies::restore_job(cfg, systemd, kind, backup.to_string(), target_db.to_string());
