@@ -187,6 +187,57 @@ async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_r
     assert_eq!(keys.iter().filter(|k| k.ends_with("data.zst.age")).count(), 5, "data of pruned backups deleted too");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_that_caretaker_did_not_write_where_they_are_are_ignored_and_never_panic() {
+    use caretaker::backup::run::{Kind, folder, list, prune};
+    let moto = Moto::start().unwrap();
+    let s3 = bucket(&moto, "backups").await;
+    let mut cfg = caretaker::config::Config::default();
+    cfg.backup.bucket = Some("backups".into());
+    let started = humantime::parse_rfc3339("2026-11-22T03:00:00Z").unwrap();
+    let manifest = |id: &str| {
+        serde_json::json!({
+            "schema": 1, "id": id, "kind": "postgres", "instance_id": "i-0", "started_at": "2026-11-22T03:00:00Z",
+            "finished_at": "2026-11-22T03:00:00Z", "duration_ms": 1, "caretaker_version": "t", "producer": "pg_dump",
+            "producer_version": "", "producer_exit_status": 0, "plain_bytes": 1, "plain_sha256": "", "stored_bytes": 1,
+            "stored_sha256": "", "parts": 1, "compression": {}, "encryption": {}, "details": {}
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let real = caretaker::backup::run::new_id(started);
+    let f = folder("caretaker", Kind::Postgres, &real);
+    s3.put_object("backups", &format!("{f}manifest.json"), manifest(&real)).await.unwrap();
+    let later = caretaker::backup::run::new_id(started + Duration::from_secs(86400));
+    // A short id (it used to panic the job that sliced it), a manifest in the wrong date folder, one
+    // that names another backup than its folder, one of the wrong kind, and an oversized one.
+    let forged: Vec<(String, Vec<u8>)> = vec![
+        ("caretaker/postgres/x/manifest.json".into(), manifest("x")),
+        (format!("caretaker/postgres/2020/01/01/{later}/manifest.json"), manifest(&later)),
+        (format!("{}manifest.json", folder("caretaker", Kind::Postgres, &later)), manifest(&real)),
+        (format!("{}manifest.json", folder("caretaker", Kind::Redis, &later)), manifest(&later)),
+        (
+            format!("{}manifest.json", folder("caretaker", Kind::Postgres, &later)).replace("manifest", "x/manifest"),
+            manifest(&later),
+        ),
+    ];
+    for (key, body) in &forged {
+        s3.put_object("backups", key, body.clone()).await.unwrap();
+    }
+    let big = caretaker::backup::run::new_id(started + Duration::from_secs(2 * 86400));
+    let mut huge = manifest(&big);
+    huge.extend(std::iter::repeat_n(b' ', 5 << 20));
+    s3.put_object("backups", &format!("{}manifest.json", folder("caretaker", Kind::Postgres, &big)), huge)
+        .await
+        .unwrap();
+
+    let ids: Vec<String> = list(&cfg, &s3, Kind::Postgres).await.unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec![real.clone()], "only the manifest caretaker wrote where it writes them");
+    assert!(list(&cfg, &s3, Kind::Redis).await.unwrap().is_empty());
+    let dry = prune(&cfg, &s3, true).await.unwrap();
+    assert!(dry.iter().all(|r| r.decisions.iter().all(|d| d.id == real && d.keep)), "{dry:?}");
+}
+
 /// An HTTP/1.1 proxy in front of moto that answers `500` instead of forwarding UploadPart
 /// requests for `part`, `failures` times (`usize::MAX`: always). Requests on one connection are
 /// sequential (no pipelining), so each is read whole (headers + Content-Length body) and either

@@ -95,8 +95,12 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 /// `PREFIX/KIND/YYYY/MM/DD/ID/`.
+/// Callers pass ids that passed [`valid_id`]; anything else gets a folder that holds nothing
+/// (never a panic: an id may come from an object someone else put in the bucket).
 pub fn folder(prefix: &str, kind: Kind, id: &str) -> String {
-    let (y, m, d) = (&id[0..4], &id[4..6], &id[6..8]);
+    let part =
+        |r: std::ops::Range<usize>| id.get(r).filter(|p| p.bytes().all(|b| b.is_ascii_digit())).unwrap_or("invalid");
+    let (y, m, d) = (part(0..4), part(4..6), part(6..8));
     format!("{prefix}/{}/{y}/{m}/{d}/{id}/", kind.as_str())
 }
 
@@ -292,15 +296,49 @@ pub async fn list(cfg: &Config, s3: &S3, kind: Kind) -> Result<Vec<Manifest>, Ba
     let prefix = format!("{}/{}/", cfg.backup.prefix, kind.as_str());
     let mut out = Vec::new();
     for key in s3.list_keys(&bucket, &prefix).await? {
-        if key.ends_with(&format!("/{MANIFEST}"))
-            && let Some(bytes) = s3.get_object(&bucket, &key).await?
-            && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
-        {
-            out.push(m);
+        if !key.ends_with(&format!("/{MANIFEST}")) {
+            continue;
+        }
+        let checked = match expected_id(&cfg.backup.prefix, kind, &key) {
+            Err(why) => Err(why),
+            Ok(id) => match s3.get_small(&bucket, &key, MANIFEST_MAX).await {
+                Ok(Some(bytes)) => accept(kind, &id, &bytes),
+                Ok(None) => continue,
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        match checked {
+            Ok(m) => out.push(m),
+            Err(why) => tracing::warn!("ignoring s3://{bucket}/{key}: {why} (not a backup caretaker wrote there)"),
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// A manifest is at most this large (row counts of some thousand tables fit many times over).
+pub const MANIFEST_MAX: usize = 4 << 20;
+
+/// The id a manifest key names, when the key is exactly where caretaker writes manifests:
+/// `PREFIX/KIND/YYYY/MM/DD/ID/manifest.json` with a valid id.
+pub fn expected_id(prefix: &str, kind: Kind, key: &str) -> Result<String, String> {
+    let id = key.strip_suffix(&format!("/{MANIFEST}")).and_then(|f| f.rsplit('/').next()).unwrap_or_default();
+    if !valid_id(id) {
+        return Err(format!("`{}` is not a backup id", id.escape_debug()));
+    }
+    if format!("{}{MANIFEST}", folder(prefix, kind, id)) != key {
+        return Err(format!("a manifest of {id} belongs at {}{MANIFEST}", folder(prefix, kind, id)));
+    }
+    Ok(id.to_string())
+}
+
+/// The manifest in `bytes`, when it parses and says it is backup `id` of `kind`.
+pub fn accept(kind: Kind, id: &str, bytes: &[u8]) -> Result<Manifest, String> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+    if m.id != id || m.kind != kind {
+        return Err(format!("it says it is {} backup {}", m.kind.as_str(), m.id.escape_debug()));
+    }
+    Ok(m)
 }
 
 /// `verify.json`, stored beside a backup by a restore drill.

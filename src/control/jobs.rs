@@ -169,7 +169,22 @@ impl Jobs {
         let fut = body(ctx);
         let jobs = self.clone();
         let handle = tokio::spawn(async move {
-            let result = fut.await;
+            // The body runs in a task of its own: if it panics, the job fails (and the slot is
+            // freed) instead of staying "running" and refusing every later job as busy.
+            let result = match tokio::spawn(fut).await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => {
+                    let what = panic_message(e.into_panic());
+                    error!(job = %id, "the job panicked: {what}");
+                    if let Some(a) = jobs.alerts() {
+                        a.open("job:panic", panic_alert(&id, &what));
+                    }
+                    Err(format!(
+                        "the job failed unexpectedly (a bug in caretaker: {what}); nothing further was done, later jobs run normally"
+                    ))
+                }
+                Err(_) => Err("the job was aborted".into()),
+            };
             jobs.finish(&id, result);
         });
         s.handle = Some(handle);
@@ -214,6 +229,28 @@ impl Jobs {
         {
             warn!("the running job did not stop within {grace:?}");
         }
+    }
+}
+
+/// The text of a panic payload (a `&str` or `String`; anything else is named as such).
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => p.downcast::<&'static str>().map(|s| s.to_string()).unwrap_or_else(|_| "a panic".into()),
+    }
+}
+
+fn panic_alert(id: &str, what: &str) -> crate::notify::Alert {
+    crate::notify::Alert {
+        subject: format!("job {id} failed with an internal error"),
+        what_failed: format!("The job {id} stopped on an internal error (a bug): {what}"),
+        what_done: "The job was marked failed and its slot freed: later backups, drills, restores and updates run."
+            .into(),
+        what_safe:
+            "A job never changes live data before its new copy is complete and verified; the live data is as it was."
+                .into(),
+        next: "journalctl -u caretaker -n 200; report the message; run the job again (`caretaker status` shows it)"
+            .into(),
     }
 }
 
@@ -308,5 +345,23 @@ mod tests {
             .unwrap();
         jobs.shutdown(Duration::from_secs(2)).await;
         assert_eq!(jobs.get(&info.id).unwrap().state, JobState::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_and_frees_the_slot() {
+        let jobs = Jobs::new(CancellationToken::new());
+        let info =
+            jobs.start("backup", "backup postgres", |_| Box::pin(async { panic!("id too short: `x`") })).unwrap();
+        for _ in 0..200 {
+            if jobs.current().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let done = jobs.get(&info.id).unwrap();
+        assert_eq!(done.state, JobState::Failed);
+        assert!(done.summary.contains("id too short"), "{}", done.summary);
+        let next = jobs.start("verify", "verify latest", |_| Box::pin(async { Ok("fine".to_string()) }));
+        assert!(next.is_ok(), "the slot is free after a panic");
     }
 }
