@@ -237,6 +237,10 @@ pub struct UpdateArgs {
     /// Fetch and verify only; switch and restart nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Install a version older than the running one (refused otherwise: a re-published old
+    /// release may carry a hole that was fixed since).
+    #[arg(long)]
+    pub allow_downgrade: bool,
 }
 
 #[derive(Debug, Args)]

@@ -165,8 +165,8 @@ async fn update(bus: &Option<String>, args: UpdateArgs) -> u8 {
         }
         (None, _) => "latest".to_string(),
     };
-    let dry_run = args.dry_run;
-    follow_job(bus, "Update", move |p| async move { p.update(&version, dry_run).await }).await
+    let (dry_run, allow_downgrade) = (args.dry_run, args.allow_downgrade);
+    follow_job(bus, "Update", move |p| async move { p.update(&version, dry_run, allow_downgrade).await }).await
 }
 
 async fn restore_list_kept(sources: &Sources, json: bool) -> u8 {

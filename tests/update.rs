@@ -231,7 +231,7 @@ fn spawn_api(exe: &Path, port: u16, control: &Path) -> anyhow::Result<Child> {
 }
 
 fn to(version: &str) -> UpdateRequest {
-    UpdateRequest { target: Target::Version(version.into()), dry_run: false }
+    UpdateRequest { target: Target::Version(version.into()), dry_run: false, allow_downgrade: false }
 }
 
 /// moto with v1 and v2 published and a test API already updated to v1.
@@ -439,7 +439,7 @@ async fn a_missing_version_is_refused_listing_the_available_ones_and_latest_is_f
     assert_eq!(api.restarts(), 0);
     assert!(api.tree().is_empty() || api.tree() == ["releases"], "{:?}", api.tree());
 
-    let latest = UpdateRequest { target: Target::Latest, dry_run: false };
+    let latest = UpdateRequest { target: Target::Latest, dry_run: false, allow_downgrade: false };
     let err = run(&api, &cfg, &s3, &latest).await.unwrap_err();
     assert!(err.to_string().contains("LATEST does not exist"), "{err}");
     s3.put_object(BUCKET, &format!("{APP}/LATEST"), b"$(id)\n".to_vec()).await.unwrap();
@@ -619,7 +619,7 @@ async fn a_dry_run_verifies_and_leaves_everything_as_it_was() {
     let (_moto, s3, api, cfg) = on_v1_with_v2_published().await;
     publish_with(&s3, "v3", artifact("v3", false), b"wrong", Sig::None).await;
     let (pid, restarts, tree) = (api.pid(), api.restarts(), api.tree());
-    let dry = |v: &str| UpdateRequest { target: Target::Version(v.into()), dry_run: true };
+    let dry = |v: &str| UpdateRequest { target: Target::Version(v.into()), dry_run: true, allow_downgrade: false };
 
     let out = run(&api, &cfg, &s3, &dry("v2")).await.unwrap();
     assert_eq!(out, Outcome::DryRun { from: Some("v1".into()), to: "v2".into() });
@@ -688,4 +688,33 @@ fn the_ssm_documents_pattern_agrees_with_validate_version() {
         let ours = v == "latest" || validate_version(v).is_ok();
         assert_eq!(doc_ok, ours, "{v:?}: document {doc_ok}, validate_version {ours}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_release_is_refused_unless_asked_for() {
+    let (_moto, s3, api, cfg) = on_v1_with_v2_published().await;
+    run(&api, &cfg, &s3, &to("v2")).await.unwrap();
+    let (pid, restarts) = (api.pid(), api.restarts());
+    // Whoever can write the bucket re-publishes v1 (signed once, with a hole fixed since) as latest.
+    let err = run(&api, &cfg, &s3, &to("v1")).await.unwrap_err();
+    assert!(matches!(err, UpdateError::Downgrade { .. }), "{err}");
+    assert!(err.to_string().contains("--allow-downgrade"), "{err}");
+    assert_eq!(api.current_target(), Path::new("releases/v2"));
+    assert_eq!((api.pid(), api.restarts()), (pid, restarts));
+    let back = UpdateRequest { target: Target::Version("v1".into()), dry_run: false, allow_downgrade: true };
+    run(&api, &cfg, &s3, &back).await.unwrap();
+    assert_eq!(api.current_target(), Path::new("releases/v1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_over_the_size_limit_is_refused_and_nothing_is_left_on_disk() {
+    let (_moto, s3, api, mut cfg) = on_v1_with_v2_published().await;
+    let tree = api.tree();
+    cfg.release.max_artifact_bytes = 4096;
+    let err = run(&api, &cfg, &s3, &to("v2")).await.unwrap_err();
+    assert!(matches!(err, UpdateError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("release.max-artifact-bytes"), "{err}");
+    assert!(no_partials(&api.install_dir));
+    assert_eq!(api.tree(), tree, "no release folder, no partial file");
+    assert_eq!(api.current_target(), Path::new("releases/v1"));
 }

@@ -299,6 +299,9 @@ pub struct ReleaseConfig {
     pub health_gate_consecutive: u32,
     /// ... within this long, or the update is rolled back.
     pub health_gate_timeout: Seconds,
+    /// The largest artifact downloaded (bytes): a bigger one is refused before it is fetched (when
+    /// S3 says its size) or as soon as the download passes this.
+    pub max_artifact_bytes: u64,
 }
 
 impl Default for ReleaseConfig {
@@ -311,6 +314,7 @@ impl Default for ReleaseConfig {
             keep: 3,
             health_gate_consecutive: 3,
             health_gate_timeout: Seconds::from_secs(60),
+            max_artifact_bytes: 512 << 20,
         }
     }
 }

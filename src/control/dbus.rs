@@ -191,11 +191,11 @@ impl Control {
         check_backup_id(backup)?;
         if !target_db.is_empty()
             && (kind != Kind::Postgres
-                || target_db.len() > 40
+                || target_db.len() > 32
                 || !target_db.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'))
         {
             return Err(ControlError::InvalidArgs(format!(
-                "target database `{target_db}`: postgres only, lowercase letters, digits and _ (at most 40)"
+                "target database `{target_db}`: postgres only, lowercase letters, digits and _ (at most 32, so that the names a restore derives stay within PostgreSQL's 63)"
             )));
         }
         if let Some(why) = crate::backup::restore::refused_target(target_db) {
@@ -243,8 +243,9 @@ impl Control {
     }
 
     /// Starts an update of the API to `version` (`latest`: what APP/LATEST names); with `dry_run`
-    /// fetch and verify only. Returns the job id. The version is validated before anything else.
-    async fn update(&self, version: &str, dry_run: bool) -> Result<String, ControlError> {
+    /// fetch and verify only; a version older than the running one only with `allow_downgrade`.
+    /// Returns the job id. The version is validated before anything else.
+    async fn update(&self, version: &str, dry_run: bool, allow_downgrade: bool) -> Result<String, ControlError> {
         let target = if version == "latest" {
             crate::release::Target::Latest
         } else {
@@ -257,7 +258,7 @@ impl Control {
         }
         let systemd = self.systemd()?;
         let description = format!("update to {version}{}", if dry_run { " (dry run)" } else { "" });
-        let request = crate::release::UpdateRequest { target, dry_run };
+        let request = crate::release::UpdateRequest { target, dry_run, allow_downgrade };
         let body = bodies::update_job(cfg, systemd, request, self.jobs.alerts());
         Ok(self.jobs.start("update", &description, body).map_err(busy)?.id)
     }

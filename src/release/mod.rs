@@ -117,6 +117,13 @@ pub enum UpdateError {
     InvalidVersion(String),
     #[error("release.bucket is not set: there is nowhere to fetch releases from")]
     NoBucket,
+    #[error(
+        "refused: {to} is older than the running {from} (a re-published old release may carry a fixed hole); \
+         to go back on purpose: caretaker update --version {to} --allow-downgrade"
+    )]
+    Downgrade { from: String, to: String },
+    #[error("refused: the artifact of {version} has {bytes} bytes, more than release.max-artifact-bytes ({max})")]
+    TooLarge { version: String, bytes: u64, max: u64 },
     #[error("release.public-key: {0}")]
     BadKey(String),
     #[error("no release {version} in s3://{bucket}/{app}/; available: {}", list_or_none(available))]

@@ -40,6 +40,8 @@ pub struct UpdateRequest {
     /// Fetch and verify only: stop before the switch and remove what was downloaded (unless it
     /// was on disk already).
     pub dry_run: bool,
+    /// Install a version older than the running one (refused otherwise).
+    pub allow_downgrade: bool,
 }
 
 /// How an update ended. Every variant but [`Outcome::RolledBack`] is a success.
@@ -122,6 +124,16 @@ where
         progress(format!("{version} is already current and verified"));
         return Ok(Outcome::AlreadyRunning { version });
     }
+    if let Some(from) = &current
+        && !request.allow_downgrade
+        && crate::release::compare_versions(&version, from) == std::cmp::Ordering::Less
+    {
+        // A dry run changes nothing: it still verifies, and says what the real update would do.
+        if !request.dry_run {
+            return Err(UpdateError::Downgrade { from: from.clone(), to: version });
+        }
+        progress(format!("{version} is older than {from}: the update itself needs --allow-downgrade"));
+    }
 
     // SHA256SUMS, its signature, and the expected hash of the artifact.
     let sums_key = store.key(&version, "SHA256SUMS");
@@ -148,7 +160,7 @@ where
     if already_there {
         progress(format!("{version} is on disk already and matches SHA256SUMS"));
     } else {
-        download(&store, &install, &version, &expected, !request.dry_run, &progress).await?;
+        download(&store, &install, &version, &expected, !request.dry_run, rc.max_artifact_bytes, &progress).await?;
     }
     if request.dry_run {
         return Ok(Outcome::DryRun { from: current, to: version });
@@ -355,6 +367,7 @@ async fn download(
     version: &str,
     expected: &str,
     install_it: bool,
+    max: u64,
     progress: &(impl Fn(String) + Send + Sync),
 ) -> Result<(), UpdateError> {
     let dir = install.release_dir(version);
@@ -380,6 +393,11 @@ async fn download(
                 what: format!("s3://{}/{key} does not exist", store.bucket),
             });
         };
+        if let Some(length) = body.length
+            && length > max
+        {
+            return Err(UpdateError::TooLarge { version: version.into(), bytes: length, max });
+        }
         progress(format!(
             "downloading s3://{}/{key}{}",
             store.bucket,
@@ -405,6 +423,13 @@ async fn download(
         loop {
             match body.next().await {
                 Chunk::Data(chunk) => {
+                    if bytes + chunk.len() as u64 > max {
+                        return Err(UpdateError::TooLarge {
+                            version: version.into(),
+                            bytes: bytes + chunk.len() as u64,
+                            max,
+                        });
+                    }
                     hasher.update(&chunk);
                     file.write_all(&chunk).await.map_err(fs_err("write", &partial))?;
                     bytes += chunk.len() as u64;
@@ -469,7 +494,7 @@ mod tests {
     #[allow(dead_code)]
     fn update_future_is_send(cfg: &Config, s3: &S3, probe: &Probe, alerts: &Alerts) {
         fn is_send<T: Send>(_: T) {}
-        let request = UpdateRequest { target: Target::Latest, dry_run: false };
+        let request = UpdateRequest { target: Target::Latest, dry_run: false, allow_downgrade: false };
         is_send(update(cfg, s3, &request, || async { Ok(()) }, probe, Some(alerts), |_| {}));
     }
 
