@@ -14,7 +14,8 @@ fn rig(prefix: &str, rows: u32) -> (LabBox, Moto) {
     let moto = Moto::start_in_netns(b.pid1()).expect("moto");
     moto.create_bucket("backups").unwrap();
     let identity = age::x25519::Identity::generate();
-    let release = "[release]\nhealth-gate-consecutive = 2\nhealth-gate-timeout = \"10s\"\n";
+    let release = "[release]\nhealth-gate-consecutive = 2\nhealth-gate-timeout = \"10s\"\n\
+                   [services.redis]\ndata-dir = \"/var/lib/redis\"\n";
     b.configure_backups(&moto.endpoint(), Some(&identity.to_public().to_string()), release).unwrap();
     use age::secrecy::ExposeSecret;
     let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", identity.to_string().expose_secret());
@@ -213,6 +214,12 @@ fn a_restore_into_another_database_leaves_the_api_running_and_a_kill_leaves_noth
         assert!(text.contains("PostgreSQL's own databases"), "{system}: {text}");
     }
 
+    // Nor a name so long that the names derived from it would pass PostgreSQL's 63 bytes.
+    let long = "r".repeat(33);
+    let out = b.sh(&format!("caretaker restore postgres --target-db {long}"));
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 32"), "{out:?}");
+
     // A daemon killed while restoring into `reports`: its `reports_restore_*` is dropped at the
     // next start, although `reports` is not the configured database.
     b.sh_ok("systemd-run --unit=rs-other-cli --collect caretaker restore postgres --target-db reports");
@@ -293,4 +300,34 @@ fn a_restore_without_room_is_refused_or_stopped_and_postgres_never_panics() {
     let pg_log =
         b.sh_ok("journalctl -q --no-pager -u 'postgresql*' ; cat /var/log/postgresql/*.log 2>/dev/null || true");
     assert!(!pg_log.contains("PANIC") && !pg_log.contains("No space left"), "{pg_log}");
+}
+
+#[test]
+fn links_the_redis_user_prepares_in_its_folder_never_make_root_write_elsewhere() {
+    let (b, _moto) = rig("rs-link", 10);
+    let out = b.sh("caretaker backup now --kind redis");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    b.sh_ok("printf precious > /var/lib/caretaker/victim && chmod 0600 /var/lib/caretaker/victim");
+    // The redis user, owner of /var/lib/redis, points every download name of the next minute at a
+    // root-owned file.
+    b.sh_ok(
+        "runuser -u redis -- sh -c 'for i in $(seq 0 60); do \
+           ln -sf /var/lib/caretaker/victim /var/lib/redis/.dump.rdb.restore-$(date -u -d \"+$i sec\" +%Y%m%d_%H%M%S); \
+         done'",
+    );
+    let out = b.sh("caretaker restore redis");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", b.journal("caretaker.service"));
+    assert_eq!(b.sh_ok("cat /var/lib/caretaker/victim"), "precious", "root wrote through a link");
+    assert_eq!(b.sh_ok("stat -c %U:%a /var/lib/caretaker/victim").trim(), "root:600");
+
+    // The RDB itself replaced by a link: refused, nothing followed.
+    b.sh_ok(
+        "mv /var/lib/redis/dump.rdb /var/lib/redis/real.rdb && ln -s /var/lib/caretaker/victim /var/lib/redis/dump.rdb",
+    );
+    let out = b.sh("caretaker restore redis");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("not a plain file"), "{stdout}");
+    assert_eq!(b.sh_ok("cat /var/lib/caretaker/victim"), "precious");
 }

@@ -261,10 +261,41 @@ async fn dbsize_when_up(url: &str, within: Duration) -> Result<i64, RestoreError
     }
 }
 
-fn chown_like(path: &Path, like: &Path) -> std::io::Result<()> {
+/// The folder of Redis's RDB: the configured `services.redis.data-dir`, when Redis reports the same
+/// folder; a folder no one but its owner and root can write.
+fn redis_dir(cfg: &Config, reported: &str) -> Result<PathBuf, RestoreError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(like)?;
-    nix::unistd::chown(path, Some(meta.uid().into()), Some(meta.gid().into())).map_err(std::io::Error::from)
+    let configured = &cfg.services.redis.data_dir;
+    let canon = |p: &Path| std::fs::canonicalize(p).map_err(|e| RestoreError::Fs(format!("{}: {e}", p.display())));
+    let dir = canon(configured)?;
+    if canon(Path::new(reported)).ok().as_deref() != Some(dir.as_path()) {
+        return Err(RestoreError::Refused(format!(
+            "Redis says its folder is `{}`, the configuration says {} (services.redis.data-dir): refused",
+            reported.escape_debug(),
+            configured.display()
+        )));
+    }
+    let meta = std::fs::metadata(&dir).map_err(|e| RestoreError::Fs(format!("{}: {e}", dir.display())))?;
+    if meta.mode() & 0o002 != 0 {
+        return Err(RestoreError::Refused(format!("{} is writable by everyone: refused", dir.display())));
+    }
+    Ok(dir)
+}
+
+/// Creates `path` new (never through a link, never an existing file), mode 0600, and gives it —
+/// through the descriptor, never the name — the owner of the live RDB (or of the folder).
+fn create_private(path: &Path, dir: &Path, rdb: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let owner = std::fs::symlink_metadata(rdb).or_else(|_| std::fs::metadata(dir))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)?;
+    std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))?;
+    Ok(f)
 }
 
 /// Restores Redis backup `backup` (`latest` or an id). See the module docs.
@@ -285,12 +316,27 @@ pub async fn restore_redis(
                 .into(),
         ));
     }
-    let dir = PathBuf::from(config_get(url, "dir").await?);
+    // Paths come from caretaker's configuration; what Redis says only has to agree with it.
+    let dir = redis_dir(cfg, &config_get(url, "dir").await?)?;
     let file = config_get(url, "dbfilename").await?;
     let file = if file.is_empty() { "dump.rdb".to_string() } else { file };
+    if file.len() > 200
+        || file.starts_with('.')
+        || !file.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(RestoreError::Refused(format!(
+            "Redis names its RDB `{}`: not a plain file name",
+            file.escape_debug()
+        )));
+    }
     let rdb = dir.join(&file);
+    if std::fs::symlink_metadata(&rdb).is_ok_and(|m| !m.file_type().is_file()) {
+        return Err(RestoreError::Refused(format!("{} is not a plain file (a symlink?): refused", rdb.display())));
+    }
     let ts = stamp(SystemTime::now());
-    let download = dir.join(format!(".{file}.restore-{ts}"));
+    // Not predictable: another user owns this folder and must not prepare a link at the name.
+    let salt = crate::calendar::random_delay(Duration::from_secs(1 << 30), "download").as_nanos() % 1_000_000_007;
+    let download = dir.join(format!(".{file}.restore-{ts}-{salt}"));
     let kept = dir.join(format!("{file}.pre-restore-{ts}"));
 
     // 1. Download and check next to the live file (same filesystem: the rename is atomic).
@@ -298,29 +344,26 @@ pub async fn restore_redis(
     let bucket = cfg.backup.bucket.clone().ok_or(run::BackupError::NoBucket).map_err(VerifyError::from)?;
     let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Redis, &m.id));
     let fetched = async {
-        let f = tokio::fs::File::create(&download)
-            .await
+        let f = create_private(&download, &dir, &rdb)
             .map_err(|e| RestoreError::Fs(format!("{}: {e}", download.display())))?;
+        let f = tokio::fs::File::from_std(f);
         let decryption = fetch::decryption(cfg).map_err(VerifyError::from)?;
         let mut w = tokio::io::BufWriter::new(f);
         let fetched =
             fetch::fetch_into(s3, &bucket, &key, decryption, &mut w, |_, _| {}).await.map_err(VerifyError::from)?;
-        let f = w.into_inner();
+        let mut f = w.into_inner();
         f.sync_all().await.map_err(|e| RestoreError::Fs(format!("fsync {}: {e}", download.display())))?;
         let problems = fetch::check(&m, &fetched);
         if !problems.is_empty() {
             return Err(RestoreError::from(VerifyError::Mismatch(problems)));
         }
+        // Read back through the same descriptor: the name may have been replaced meanwhile.
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let mut head = [0u8; 5];
-        let mut r = std::fs::File::open(&download).map_err(|e| RestoreError::Fs(e.to_string()))?;
-        std::io::Read::read_exact(&mut r, &mut head).map_err(|e| RestoreError::Fs(e.to_string()))?;
+        f.seek(std::io::SeekFrom::Start(0)).await.map_err(|e| RestoreError::Fs(e.to_string()))?;
+        f.read_exact(&mut head).await.map_err(|e| RestoreError::Fs(e.to_string()))?;
         if &head != b"REDIS" {
             return Err(RestoreError::Refused("the backup is not an RDB file".into()));
-        }
-        if rdb.exists() {
-            chown_like(&download, &rdb).map_err(|e| RestoreError::Fs(format!("chown {}: {e}", download.display())))?;
-        } else {
-            chown_like(&download, &dir).map_err(|e| RestoreError::Fs(format!("chown {}: {e}", download.display())))?;
         }
         Ok(fetched)
     }
@@ -339,7 +382,7 @@ pub async fn restore_redis(
         let _ = std::fs::remove_file(&download);
         return Err(e.into());
     }
-    let had_live = rdb.exists();
+    let had_live = std::fs::symlink_metadata(&rdb).is_ok();
     let swapped = (|| -> std::io::Result<()> {
         if had_live {
             std::fs::rename(&rdb, &kept)?;
