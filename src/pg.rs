@@ -126,6 +126,28 @@ pub fn collect_stderr(stderr: Option<tokio::process::ChildStderr>) -> tokio::tas
     })
 }
 
+/// The one line a failed pg_dump/pg_restore leaves in job summaries, errors and emails: what
+/// failed, never its stderr — that can quote row data (`invalid input syntax … "value"`, `Key
+/// (email)=(…) already exists`) and job summaries are readable by every local user over D-Bus.
+/// The whole stderr goes to the journal (root and adm only).
+pub fn tool_failure(tool: &str, status: &str, stderr: &str) -> String {
+    if !stderr.is_empty() {
+        tracing::error!("{tool} failed ({status}); its messages:\n{stderr}");
+    }
+    // The first error's kind: its text up to the first quote or colon ("COPY failed for table").
+    let kind = stderr
+        .lines()
+        .find_map(|l| l.split_once("error: ").map(|(_, rest)| rest))
+        .map(|rest| rest.split(['"', ':']).next().unwrap_or_default().trim().to_string())
+        .filter(|k| !k.is_empty())
+        .map(|k| format!(", first: {k}"))
+        .unwrap_or_default();
+    format!(
+        "{tool} failed ({status}{kind}); its messages are in the journal (`journalctl -u caretaker`), kept out of \
+         summaries because they can quote data"
+    )
+}
+
 /// Connects to a unix socket with the effective uid/gid of `user` (see the module comment).
 pub async fn connect_socket_as(socket: &Path, user: &str) -> Result<tokio::net::UnixStream, PgError> {
     let u = User::from_name(user).ok().flatten().ok_or_else(|| PgError::NoUser(user.into()))?;
@@ -182,6 +204,14 @@ pub fn quote_literal(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tool_failure_names_the_error_but_not_the_data() {
+        let stderr = "pg_restore: error: COPY failed for table \"users\": ERROR:  invalid input syntax for type integer: \"s3cret-value\"\nCONTEXT:  COPY users, line 1, column id: \"s3cret-value\"";
+        let line = tool_failure("pg_restore", "exit status: 1", stderr);
+        assert!(!line.contains("s3cret"), "{line}");
+        assert!(line.contains("COPY failed for table") && line.contains("exit status: 1"), "{line}");
+    }
 
     #[test]
     fn quoting() {

@@ -512,6 +512,19 @@ fn the_example_configuration_is_valid_uncommented_too_and_documents_every_key() 
 // The shipped API unit
 
 #[test]
+fn the_daemon_unit_bounds_its_memory_and_tasks() {
+    let unit = read("systemd/caretaker.service");
+    let value = |key: &str| unit.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string);
+    let mem = value("MemoryMax").expect("MemoryMax= in caretaker.service");
+    assert!(
+        mem.ends_with('M') && mem.trim_end_matches('M').parse::<u64>().is_ok_and(|m| (128..=1024).contains(&m)),
+        "{mem}"
+    );
+    let tasks = value("TasksMax").expect("TasksMax= in caretaker.service");
+    assert!(tasks.parse::<u64>().is_ok_and(|t| (32..=512).contains(&t)), "{tasks}");
+}
+
+#[test]
 fn the_shipped_api_unit_is_sandboxed_and_carries_no_lab_settings() {
     let unit = read("systemd/zmanim-api.service");
     let settings: Vec<(&str, &str)> = unit

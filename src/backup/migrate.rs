@@ -42,8 +42,9 @@ pub enum MigrateError {
     SourceDb(String),
     #[error("the local database: {0}")]
     Local(String),
-    #[error("{tool} failed ({status}): {stderr}")]
-    Tool { tool: &'static str, status: String, stderr: String },
+    /// pg_dump or pg_restore exited non-zero (its stderr is in the journal).
+    #[error("{0}")]
+    Tool(String),
     #[error(
         "the copy does not match the source ({} mismatches); nothing was swapped; the copy is kept as {database} for inspection (drop it with `caretaker restore drop-kept {database}`)",
         mismatches
@@ -380,10 +381,10 @@ async fn copy(src: &SourceConn, snapshot: &str, cfg: &Config, new: &str) -> Resu
     let d = d.map_err(|e| MigrateError::Local(e.to_string()))?;
     let r = r.map_err(|e| MigrateError::Local(e.to_string()))?;
     if !d.success() {
-        return Err(MigrateError::Tool { tool: "pg_dump", status: d.to_string(), stderr: d_err });
+        return Err(MigrateError::Tool(crate::pg::tool_failure("pg_dump", &d.to_string(), &d_err)));
     }
     if !r.success() {
-        return Err(MigrateError::Tool { tool: "pg_restore", status: r.to_string(), stderr: r_err });
+        return Err(MigrateError::Tool(crate::pg::tool_failure("pg_restore", &r.to_string(), &r_err)));
     }
     Ok(())
 }

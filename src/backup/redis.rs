@@ -41,12 +41,17 @@ async fn query<T: redis::FromRedisValue>(
     url: &str,
     cmd: &mut redis::Cmd,
 ) -> Result<T, RedisBackupError> {
-    cmd.query_async(conn).await.map_err(|source| RedisBackupError::Redis { url: url.into(), source })
+    cmd.query_async(conn).await.map_err(|source| RedisBackupError::Redis { url: shown(url), source })
+}
+
+/// `url` as messages show it: a password in it is replaced (errors reach logs, status and emails).
+fn shown(url: &str) -> String {
+    crate::config::redact_url_password(url).unwrap_or_else(|| url.to_string())
 }
 
 /// Runs BGSAVE and waits for it to succeed.
 pub async fn bgsave(url: &str, timeout: Duration) -> Result<Saved, RedisBackupError> {
-    let err = |source| RedisBackupError::Redis { url: url.into(), source };
+    let err = |source| RedisBackupError::Redis { url: shown(url), source };
     let client = redis::Client::open(url).map_err(err)?;
     let mut conn = client.get_multiplexed_tokio_connection().await.map_err(err)?;
     let dir: Vec<String> = query(&mut conn, url, redis::cmd("CONFIG").arg("GET").arg("dir")).await?;
@@ -112,6 +117,13 @@ pub async fn bgsave(url: &str, timeout: Duration) -> Result<Saved, RedisBackupEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_password_in_the_url_never_reaches_the_message() {
+        let e = bgsave("redis://:s3cret-pw@127.0.0.1:1/", Duration::from_secs(2)).await.unwrap_err().to_string();
+        assert!(!e.contains("s3cret-pw"), "{e}");
+        assert!(e.contains("<redacted>"), "{e}");
+    }
 
     #[test]
     fn info_fields() {

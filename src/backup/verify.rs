@@ -31,8 +31,9 @@ pub enum VerifyError {
     PgClient(#[from] crate::pg::PgError),
     #[error("postgres: {0}")]
     PgQuery(#[from] tokio_postgres::Error),
-    #[error("pg_restore failed ({status}): {stderr}")]
-    Restore { status: String, stderr: String },
+    /// pg_restore exited non-zero (its stderr is in the journal, see `pg::tool_failure`).
+    #[error("{0}")]
+    Restore(String),
     #[error("the restored copy does not match the backup's manifest: {}", .0.join("; "))]
     Mismatch(Vec<String>),
     /// pg_restore could not be run or waited for.
@@ -162,7 +163,7 @@ async fn load_into(
     let status = child.wait().await.map_err(|e| VerifyError::PgRestore(format!("waiting for pg_restore: {e}")))?;
     let stderr = err_task.await.unwrap_or_default();
     if !status.success() {
-        return Err(VerifyError::Restore { status: status.to_string(), stderr });
+        return Err(VerifyError::Restore(crate::pg::tool_failure("pg_restore", &status.to_string(), &stderr)));
     }
     let mut problems = fetch::check(m, &fetched);
     progress(format!(

@@ -149,3 +149,15 @@ fn a_rule_over_two_keys_names_the_file_that_set_one_of_them() {
     let e = load(&sources(dir.path())).unwrap_err().to_string();
     assert!(e.starts_with(&dropin.display().to_string()) && e.contains("backup.parts-in-flight"), "{e}");
 }
+
+#[test]
+fn the_backed_up_database_is_a_plain_name_short_enough_for_the_names_derived_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["host=evil dbname=x", "zmanim'", "Zmanim", &"a".repeat(33)] {
+        write(dir.path(), "caretaker.toml", &format!("[backup]\ndatabase = \"{bad}\"\n"));
+        let e = load(&sources(dir.path())).unwrap_err().to_string();
+        assert!(e.contains("backup.database"), "{bad}: {e}");
+    }
+    write(dir.path(), "caretaker.toml", &format!("[backup]\ndatabase = \"{}\"\n", "a".repeat(32)));
+    assert!(load(&sources(dir.path())).is_ok());
+}

@@ -104,6 +104,16 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
         ));
     }
     let ident_ok = |s: &str| !s.is_empty() && s.len() < 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    // The backed-up database names the databases restores create (`DB_failed_restore_` + a
+    // 15-byte stamp): at most 32 bytes, so none of them exceeds PostgreSQL's 63 and gets cut.
+    let db = &config.backup.database;
+    if db.is_empty() || db.len() > 32 || !db.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(fail(
+            "backup.database",
+            format!("`{}` must be 1–32 lowercase letters, digits and _", db.escape_debug()),
+        ));
+    }
     for (key, v) in [("provision.role", &config.provision.role), ("provision.database", &config.provision.database)] {
         if !ident_ok(v) {
             return Err(fail(key, format!("`{v}` must be letters, digits and _ (at most 63)")));
