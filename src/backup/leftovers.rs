@@ -16,13 +16,36 @@ use crate::pg::{PgError, PgTarget, quote_ident};
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Record {
     databases: BTreeSet<String>,
+    /// The daemon process that created each database: cleanup at start leaves alone what this
+    /// very process created (a job may already be running when the cleanup gets to it).
+    #[serde(default)]
+    creators: std::collections::BTreeMap<String, u64>,
 }
 
 static LOCK: Mutex<()> = Mutex::new(());
 
+/// This daemon process, as the record names it: a random number drawn once (a pid can be reused by
+/// the next daemon).
+fn this_process() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    })
+}
+
 fn path() -> PathBuf {
+    #[cfg(test)]
+    if let Some(p) = TEST_PATH.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return p;
+    }
     Path::new(crate::envfile::STATE_DIR).join("created.json")
 }
+
+#[cfg(test)]
+static TEST_PATH: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 fn load() -> Record {
     std::fs::read(path()).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
@@ -59,6 +82,7 @@ fn is_stamp(s: &str) -> bool {
 pub async fn create_database(target: &PgTarget, name: &str) -> Result<(), PgError> {
     change(|r| {
         r.databases.insert(name.to_string());
+        r.creators.insert(name.to_string(), this_process());
     })?;
     let admin = target.connect("postgres", std::time::Duration::from_secs(30)).await?;
     admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(name))).await?;
@@ -76,14 +100,25 @@ pub async fn drop_database(target: &PgTarget, name: &str) -> Result<(), PgError>
 pub fn forget(name: &str) {
     if let Err(e) = change(|r| {
         r.databases.remove(name);
+        r.creators.remove(name);
     }) {
         tracing::warn!("{e}");
     }
 }
 
-/// The databases the record names: what killed jobs left behind (at daemon start, before any job).
+/// The databases the record names that an earlier daemon process created: what killed jobs left
+/// behind. What this process created belongs to a job that may be running now.
 pub fn recorded() -> Vec<String> {
-    load().databases.into_iter().collect()
+    let r = load();
+    let me = this_process();
+    r.databases.into_iter().filter(|d| r.creators.get(d) != Some(&me)).collect()
+}
+
+/// The databases this daemon process created and has not dropped or renamed yet: a running job's.
+pub fn created_here() -> Vec<String> {
+    let r = load();
+    let me = this_process();
+    r.databases.into_iter().filter(|d| r.creators.get(d) == Some(&me)).collect()
 }
 
 #[cfg(test)]
@@ -100,5 +135,23 @@ mod tests {
         {
             assert!(!is_ours(not), "{not}");
         }
+    }
+
+    #[test]
+    fn what_this_process_created_is_not_a_leftover_of_an_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("created.json");
+        std::fs::write(&file, r#"{"databases": ["zmanim_restore_20261122_170501"]}"#).unwrap();
+        *TEST_PATH.lock().unwrap() = Some(file);
+        change(|r| {
+            r.databases.insert("reports_restore_20261122_170502".into());
+            r.creators.insert("reports_restore_20261122_170502".into(), this_process());
+        })
+        .unwrap();
+        assert_eq!(recorded(), vec!["zmanim_restore_20261122_170501".to_string()]);
+        assert_eq!(created_here(), vec!["reports_restore_20261122_170502".to_string()]);
+        forget("reports_restore_20261122_170502");
+        assert!(created_here().is_empty());
+        *TEST_PATH.lock().unwrap() = None;
     }
 }

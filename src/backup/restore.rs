@@ -197,7 +197,12 @@ pub async fn cleanup_leftovers(cfg: &Config) -> Vec<String> {
                     super::leftovers::forget(gone);
                 }
                 for name in existing {
-                    let live = name == *db || name == cfg.provision.database;
+                    // A job of this daemon may already be running: what it created is recorded
+                    // before it exists, so a database listed here and recorded by this process is
+                    // that job's, not a leftover.
+                    let live = name == *db
+                        || name == cfg.provision.database
+                        || super::leftovers::created_here().contains(&name);
                     let leftover = !live
                         && super::leftovers::is_ours(&name)
                         && (recorded.contains(&name)
