@@ -220,6 +220,8 @@ impl SsmClient {
         calls: &mut u32,
     ) -> Result<GetParametersByPathOutput, SsmError> {
         let mut backoff = self.initial_backoff;
+        // What the last answered call said: a call cut off by the deadline says nothing new.
+        let mut answered: Option<String> = None;
         loop {
             *calls += 1;
             let request = self
@@ -237,8 +239,12 @@ impl SsmClient {
                     Verdict::Retry(reason) => reason,
                     Verdict::Fatal(e) => return Err(e),
                 },
-                Err(_) => "a call was still running at the deadline".to_string(),
+                Err(_) => match &answered {
+                    Some(a) => format!("{a}; a call was still running at the deadline"),
+                    None => "a call was still running at the deadline".to_string(),
+                },
             };
+            answered = Some(last.clone());
             // Full jitter on the upper half: many boxes booting at once spread out.
             let pause = backoff / 2 + Duration::from_nanos(jitter.next() % (backoff.as_nanos() as u64 / 2 + 1));
             if Instant::now() + pause >= deadline {
