@@ -65,14 +65,14 @@ fn ensure_dir(dir: &Path, user: &str, mode: u32) -> Result<(bool, bool), DataDir
             std::fs::create_dir_all(dir).map_err(io("create", dir))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io("chmod", dir))?;
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io("chown", dir))?;
-            info!(dir = %dir.display(), user, "created");
+            info!(dir = %dir.display(), user, "created {} (owner {user}, mode {mode:o})", dir.display());
             created = true;
         }
         Err(e) => return Err(DataDirError::Io { action: "stat", path: dir.into(), source: e }),
         Ok(meta) => {
             if meta.uid() != uid || meta.gid() != gid {
                 info!(dir = %dir.display(), user, old_uid = meta.uid(), new_uid = uid,
-                    "owner differs from this image's service user (new image, old volume?): fixing ownership");
+                    "{}: owner uid {} differs from this image's {user} (uid {uid}; new image, old volume?): fixing ownership", dir.display(), meta.uid());
                 chown_tree(dir, uid, gid)?;
                 rechowned = true;
             }

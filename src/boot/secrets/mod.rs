@@ -192,7 +192,12 @@ pub async fn write_env_files(cfg: &SecretsConfig, ssm: &SsmClient) -> Result<Sec
             group = f.group.as_deref().unwrap_or("root"),
             vars = f.vars.join(","),
             outcome = ?f.outcome,
-            "env file"
+            "env file {} ({:?}, mode {:o}, group {}): {}",
+            f.path.display(),
+            f.outcome,
+            f.mode,
+            f.group.as_deref().unwrap_or("root"),
+            f.vars.join(", ")
         );
         if !f.omitted.is_empty() {
             warn!(file = %f.path.display(), absent = f.omitted.join(","), "optional parameters absent; their variables are left out");
