@@ -61,6 +61,8 @@ pub mod mountinfo;
 pub mod notify;
 /// PostgreSQL access as the database's OS user (peer authentication).
 pub mod pg;
+/// SCRAM-SHA-256 password verifiers (a password never reaches PostgreSQL).
+pub mod scram;
 /// systemd integration (sd_notify, the manager over D-Bus).
 pub mod systemd;
 /// Bytes, rates and times as people read them.

@@ -287,7 +287,10 @@ fn a_format_interrupted_by_a_crash_is_completed_by_the_next_run() {
         (it.next().unwrap(), it.next().unwrap())
     };
     let rdev = nix::sys::stat::makedev(maj, min);
-    let intent = serde_json::json!({ "device": r.dev, "rdev": rdev, "started_at": "2026-11-22T03:00:00Z" });
+    let size: u64 = r.b.sh_ok(&format!("blockdev --getsize64 {}", r.dev)).trim().parse().unwrap();
+    let intent = serde_json::json!({
+        "device": r.dev, "rdev": rdev, "started_at": "2026-11-22T03:00:00Z", "volume_id": null, "size": size
+    });
     r.b.write_file("/var/lib/caretaker/format-intent.json", intent.to_string().as_bytes(), 0o600).unwrap();
     r.b.write_file("/run/caretaker/env/.zmanim-api.env.tmp-999999", b"half", 0o600).unwrap();
 

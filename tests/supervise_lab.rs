@@ -129,6 +129,8 @@ fn stopped_services_are_started_in_order_each_healthy_before_the_next_and_provis
     for u in ["postgresql@15-main.service", "redis-server.service", "zmanim-api.service"] {
         assert_eq!(r.prop(u, "ActiveState"), "inactive", "{u} should start stopped");
     }
+    // Every statement logged: the one that creates the role must not carry the password.
+    r.b.sh_ok("mkdir -p /etc/postgresql/15/main/conf.d && echo \"log_statement = 'all'\" > /etc/postgresql/15/main/conf.d/99-test.conf");
     r.b.sh_ok("systemctl start caretaker.service");
     r.wait_all_healthy();
     let t = |u: &str| r.prop(u, "ActiveEnterTimestampMonotonic").parse::<u64>().unwrap();
@@ -139,6 +141,13 @@ fn stopped_services_are_started_in_order_each_healthy_before_the_next_and_provis
     let q = |sql: &str| r.b.sh_ok(&format!("runuser -u postgres -- psql -d zmanim -Atc \"{sql}\"")).trim().to_string();
     assert_eq!(q("select rolname from pg_roles where rolname = 'zmanim'"), "zmanim");
     assert_eq!(q("select extname from pg_extension where extname = 'postgis'"), "postgis");
+    // The role got a SCRAM verifier computed by caretaker (the password never reached PostgreSQL),
+    // and the password logs in with it over TCP (scram-sha-256 in Debian's pg_hba.conf).
+    assert!(q("select rolpassword from pg_authid where rolname = 'zmanim'").starts_with("SCRAM-SHA-256$4096:"));
+    r.b.sh_ok("PGPASSWORD=s3cr3t-pw psql -h 127.0.0.1 -U zmanim -d zmanim -Atc 'select 1'");
+    let pg_log = r.b.sh_ok("cat /var/log/postgresql/postgresql-15-main.log");
+    assert!(pg_log.contains("CREATE ROLE"), "statements are logged: {pg_log}");
+    assert!(!pg_log.contains("s3cr3t-pw"), "the password is in PostgreSQL's log");
     r.b.sh_ok("systemctl restart caretaker.service");
     r.wait_all_healthy();
     std::thread::sleep(Duration::from_secs(1));

@@ -291,9 +291,15 @@ impl IdentityDocument {
             ("imageId", &self.image_id),
             ("architecture", &self.architecture),
         ] {
-            if !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
-                return Err(format!("{name} `{v}` has unexpected characters"));
+            if v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                return Err(format!("{name} `{}` has unexpected characters", v.escape_debug()));
             }
+        }
+        // Every field lands in instance.env, which other units read as an EnvironmentFile.
+        if let Some(ip) = &self.private_ip
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(format!("privateIp `{}` is not an IP address", ip.escape_debug()));
         }
         Ok(())
     }
@@ -360,6 +366,9 @@ mod tests {
         let mut d = doc();
         d.instance_type = "m7g\nEVIL=1".into();
         assert!(d.validate().is_err());
+        let mut d = doc();
+        d.private_ip = Some("10.0.0.5\nAWS_REGION=us-gov-west-1".into());
+        assert!(d.validate().unwrap_err().contains("privateIp"), "a value that would add a line to instance.env");
     }
 
     #[test]

@@ -276,6 +276,12 @@ pub fn decide(verdict: &Verdict, blkid: &BTreeMap<String, String>) -> Decision {
 }
 
 /// Probes `device` and decides.
+/// The size of the device in bytes.
+fn device_size(device: &Path) -> Result<u64, VolumeError> {
+    let mut f = std::fs::File::open(device).map_err(io("open", device))?;
+    f.seek(SeekFrom::End(0)).map_err(io("size of", device))
+}
+
 pub fn examine(device: &Path) -> Result<Decision, VolumeError> {
     let mut f = File::open(device).map_err(io("open", device))?;
     let size = f.seek(SeekFrom::End(0)).map_err(io("size of", device))?;
@@ -341,13 +347,15 @@ pub fn prepare(
             return Err(VolumeError::MountPointBusy { mount_point: mp.clone(), other: m.source.clone(), device });
         }
         None => {
+            let size = device_size(&device)?;
+            let id = DeviceId { path: &device, rdev, volume_id: located.volume_id.as_deref(), size };
             let intent = FormatIntent::read(state_dir);
-            let interrupted = intent.as_ref().is_some_and(|i| i.rdev == rdev && i.device == device);
+            let interrupted = intent.as_ref().is_some_and(|i| i.is_for(&id));
             let (fstype, uuid) = match examine(&device)? {
                 Decision::Refuse(found) if interrupted => {
                     warn!(device = %device.display(), "{}: an earlier run was interrupted while formatting it (it was proven blank then; now: {}): formatting again", device.display(), found.join("; "));
                     formatted = true;
-                    format(&device, cfg.filesystem, state_dir, rdev, true)?
+                    format(&id, cfg.filesystem, state_dir, true)?
                 }
                 Decision::Refuse(found) => return Err(VolumeError::Refused { device, found }),
                 Decision::Mount { fstype, uuid } => {
@@ -355,9 +363,9 @@ pub fn prepare(
                     (fstype, uuid)
                 }
                 Decision::Format => {
-                    info!(device = %device.display(), filesystem = ?cfg.filesystem, "{} is blank (no signature, zeros at both ends): formatting it as {:?}", device.display(), cfg.filesystem);
+                    info!(device = %device.display(), filesystem = ?cfg.filesystem, "{} is blank (no signature, zeros everywhere it was sampled): formatting it as {:?}", device.display(), cfg.filesystem);
                     formatted = true;
-                    format(&device, cfg.filesystem, state_dir, rdev, false)?
+                    format(&id, cfg.filesystem, state_dir, false)?
                 }
             };
             std::fs::create_dir_all(mp).map_err(io("create", mp))?;
@@ -371,7 +379,7 @@ pub fn prepare(
                 Err(e) if interrupted && !formatted => {
                     warn!(device = %device.display(), "{}: mount failed after an interrupted format ({e}): formatting again", device.display());
                     formatted = true;
-                    let again = format(&device, cfg.filesystem, state_dir, rdev, true)?;
+                    let again = format(&id, cfg.filesystem, state_dir, true)?;
                     run(
                         "mount",
                         &["-t", &again.0, "-o", &cfg.mount_options, &device.to_string_lossy(), &mp.to_string_lossy()],
@@ -405,7 +413,13 @@ pub fn prepare(
     let after = fs_size(mp)?;
     let grown = (after > before).then_some((before, after));
     if let Some((b, a)) = grown {
-        info!(before = b, after = a, "filesystem grown to fill the volume");
+        info!(
+            before = b,
+            after = a,
+            "filesystem grown to fill the volume: {} → {}",
+            crate::units::human_bytes(b),
+            crate::units::human_bytes(a)
+        );
     }
     Ok(VolumeOutcome {
         device,
@@ -427,6 +441,32 @@ struct FormatIntent {
     device: PathBuf,
     rdev: u64,
     started_at: String,
+    /// The EBS volume id (NVMe serial) and the size: a path and device number alone are reused
+    /// by another volume attached in the same slot, which must never count as "ours, half-made".
+    #[serde(default)]
+    volume_id: Option<String>,
+    #[serde(default)]
+    size: u64,
+}
+
+/// Which device a format intent is about.
+struct DeviceId<'a> {
+    path: &'a Path,
+    rdev: u64,
+    volume_id: Option<&'a str>,
+    size: u64,
+}
+
+impl FormatIntent {
+    /// Whether this intent was written for exactly `d` (and `d` has a size: an intent from an
+    /// older version without one never matches).
+    fn is_for(&self, d: &DeviceId<'_>) -> bool {
+        self.rdev == d.rdev
+            && self.device == d.path
+            && self.volume_id.as_deref() == d.volume_id
+            && self.size == d.size
+            && self.size > 0
+    }
 }
 
 impl FormatIntent {
@@ -436,9 +476,15 @@ impl FormatIntent {
         serde_json::from_slice(&std::fs::read(state_dir.join(Self::FILE)).ok()?).ok()
     }
 
-    fn write(state_dir: &Path, device: &Path, rdev: u64) -> Result<(), VolumeError> {
+    fn write(state_dir: &Path, d: &DeviceId<'_>) -> Result<(), VolumeError> {
         std::fs::create_dir_all(state_dir).map_err(io("create", state_dir))?;
-        let intent = FormatIntent { device: device.to_path_buf(), rdev, started_at: crate::units::now_rfc3339() };
+        let intent = FormatIntent {
+            device: d.path.to_path_buf(),
+            rdev: d.rdev,
+            started_at: crate::units::now_rfc3339(),
+            volume_id: d.volume_id.map(str::to_string),
+            size: d.size,
+        };
         crate::fsutil::write_atomic(
             &state_dir.join(Self::FILE),
             &serde_json::to_vec(&intent).expect("json"),
@@ -455,14 +501,9 @@ impl FormatIntent {
 
 /// Makes the filesystem. `again` (force) only for a device this code proved blank in an earlier,
 /// interrupted run; otherwise no force flag: mkfs.xfs itself refuses a device with a signature.
-fn format(
-    device: &Path,
-    fs: Filesystem,
-    state_dir: &Path,
-    rdev: u64,
-    again: bool,
-) -> Result<(String, String), VolumeError> {
-    FormatIntent::write(state_dir, device, rdev)?;
+fn format(d: &DeviceId<'_>, fs: Filesystem, state_dir: &Path, again: bool) -> Result<(String, String), VolumeError> {
+    let device = d.path;
+    FormatIntent::write(state_dir, d)?;
     let dev = device.to_string_lossy();
     match (fs, again) {
         (Filesystem::Xfs, false) => run("mkfs.xfs", &["-q", "-L", LABEL_XFS, &dev])?,
@@ -601,5 +642,26 @@ mod tests {
         assert_eq!(m.instances, vec!["i-1", "i-2"]);
         let e = update_marker(dir.path(), Some("vol-0bbbbbbbbbbbbbbbb"), "uuid-1", "i-3", false).unwrap_err();
         assert!(matches!(e, VolumeError::MarkerMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_format_intent_is_for_the_same_volume_only() {
+        let intent = |volume_id: Option<&str>, size| FormatIntent {
+            device: "/dev/nvme1n1".into(),
+            rdev: 42,
+            started_at: String::new(),
+            volume_id: volume_id.map(str::to_string),
+            size,
+        };
+        let dev = |volume_id, size| DeviceId { path: Path::new("/dev/nvme1n1"), rdev: 42, volume_id, size };
+        let ours = intent(Some("vol-0aaaaaaaaaaaaaaaa"), 10 << 30);
+        assert!(ours.is_for(&dev(Some("vol-0aaaaaaaaaaaaaaaa"), 10 << 30)));
+        // Another volume attached in the same slot (same path and device number): never "ours".
+        assert!(!ours.is_for(&dev(Some("vol-0bbbbbbbbbbbbbbbb"), 10 << 30)));
+        assert!(!ours.is_for(&dev(Some("vol-0aaaaaaaaaaaaaaaa"), 20 << 30)));
+        // An intent written before the id and size were recorded never matches.
+        let old: FormatIntent =
+            serde_json::from_str(r#"{"device": "/dev/nvme1n1", "rdev": 42, "started_at": ""}"#).unwrap();
+        assert!(!old.is_for(&dev(None, 0)));
     }
 }

@@ -56,13 +56,12 @@ pub async fn provision(
                 file: file.display().to_string(),
                 var: cfg.password_var.clone(),
             })?;
-        // CREATE ROLE takes no bind parameters; the literal is quoted, and never logged.
+        // CREATE ROLE takes no bind parameters: the verifier, not the password, is what the
+        // statement carries (and what PostgreSQL's log would show if it failed). A password that
+        // SASLprep could change is handed over as it is, quoted.
+        let secret = crate::scram::verifier(password.expose()).unwrap_or_else(|| password.expose().to_string());
         client
-            .batch_execute(&format!(
-                "CREATE ROLE {} LOGIN PASSWORD {}",
-                quote_ident(&cfg.role),
-                quote_literal(password.expose())
-            ))
+            .batch_execute(&format!("CREATE ROLE {} LOGIN PASSWORD {}", quote_ident(&cfg.role), quote_literal(&secret)))
             .await
             .map_err(PgError::Query)?;
         info!(role = %cfg.role, "created the application role");
