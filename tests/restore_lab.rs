@@ -263,8 +263,9 @@ fn a_restore_without_room_is_refused_or_stopped_and_postgres_never_panics() {
         ));
     };
 
-    // Up front: 1 GiB free is less than the new database + WAL (max_wal_size 1 GB) + the reserve.
-    fill("filler", 1024);
+    // Up front: 300 MiB free is less than the new database (~117 MiB) + as much WAL + the reserve
+    // (256 MiB).
+    fill("filler", 300);
     let out = b.sh("caretaker restore postgres");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -272,8 +273,8 @@ fn a_restore_without_room_is_refused_or_stopped_and_postgres_never_panics() {
     assert!(!stdout.contains("swap:"), "{stdout}");
     assert!(!databases(&b).contains("_restore_"), "nothing was created: {}", databases(&b));
 
-    // While it runs: there was room at the start (WAL allowance 64 MB, ~110 MiB new database,
-    // 512 MiB reserve, 800 MiB free), then something else takes it: 300 MiB are left.
+    // While it runs: there was room at the start (WAL allowance 64 MB, ~117 MiB new database,
+    // 256 MiB reserve, 800 MiB free), then something else takes it: 200 MiB are left.
     b.sh_ok("rm -f /var/tmp/filler");
     psql(&b, "postgres", "alter system set max_wal_size = '64MB'");
     psql(&b, "postgres", "select pg_reload_conf()");
@@ -284,7 +285,7 @@ fn a_restore_without_room_is_refused_or_stopped_and_postgres_never_panics() {
         assert!(Instant::now() < end, "the restore never created its database: {}", b.journal("caretaker.service"));
         std::thread::sleep(Duration::from_millis(20));
     }
-    fill("filler2", 300);
+    fill("filler2", 200);
     let end = Instant::now() + Duration::from_secs(60);
     while b.sh("systemctl is-active rs-room-cli.service").status.success() {
         assert!(Instant::now() < end, "the restore did not stop: {}", b.journal("caretaker.service"));

@@ -9,7 +9,8 @@
 //! manifest since caretaker 0.1 records it) — or, for older manifests, twice the dump's plaintext
 //! size (a custom-format dump without compression holds the rows once and no indexes; restored
 //! with its indexes a database measured 1.35× its dump here on pgbench data and more with PostGIS
-//! indexes) — plus the WAL the load writes before checkpoints recycle it (`max_wal_size`).
+//! indexes) — plus the WAL the load writes: about as much as the data, at most `max_wal_size`
+//! before checkpoints recycle it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,7 +100,10 @@ pub async fn check(
     need: u64,
     what: &str,
 ) -> Result<Plan, String> {
-    let (dir, wal) = where_and_wal(target, configured_dir).await;
+    let (dir, max_wal) = where_and_wal(target, configured_dir).await;
+    // The load writes about as much WAL as it writes data (new tables are WAL-logged, indexes
+    // too), and checkpoints recycle it past max_wal_size: whichever is less.
+    let wal = max_wal.min(need);
     let room = measure(&dir).map_err(|e| format!("cannot measure the free space of {}: {e}", dir.display()))?;
     let floor = reserve(configured_reserve, room.total);
     let want = need.saturating_add(wal).saturating_add(floor);

@@ -272,7 +272,7 @@ impl Default for BackupConfig {
             verify_schedule: "Sun 04:00".into(),
             random_delay: Seconds::from_secs(0),
             catch_up_delay: Seconds::from_secs(120),
-            restore_reserve: 512 << 20,
+            restore_reserve: 256 << 20,
         }
     }
 }
