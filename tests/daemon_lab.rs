@@ -213,6 +213,24 @@ fn the_bus_policy_lets_anyone_read_but_only_root_act() {
 
     let root = b.sh(&format!("{busctl} call {obj} Reload"));
     assert!(root.status.success(), "{root:?}");
+
+    // A policy file on the box that lets everyone call (a mistake, or an attacker's): the daemon
+    // still serves mutating methods to root only.
+    b.write_file(
+        "/etc/dbus-1/system.d/zz-too-open.conf",
+        br#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><policy user="nobody"><allow send_destination="io.shtetl.Caretaker1"/></policy></busconfig>"#,
+        0o644,
+    )
+    .unwrap();
+    b.sh_ok("busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for method in ["Reload", "BackupNow s all", "Prune b false", "Update sbb v2 false false"] {
+        let call = b.sh(&format!("runuser -u nobody -- {busctl} call {obj} {method}"));
+        assert!(!call.status.success(), "{method} as nobody must be refused: {call:?}");
+        assert!(text(&call.stderr).contains("only root"), "{method}: refused by the daemon itself: {call:?}");
+    }
+    assert!(b.sh(&format!("{busctl} call {obj} Reload")).status.success(), "root still can");
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub enum ControlError {
     NoSuchJob(String),
     /// The request is invalid (bad argument); nothing was started.
     InvalidArgs(String),
+    /// The caller is not root (checked by the daemon itself, beside the D-Bus policy).
+    AccessDenied(String),
 }
 
 /// A request from a D-Bus caller to the main loop, answered through the oneshot.
@@ -55,6 +57,23 @@ fn check_backup_id(id: &str) -> Result<(), ControlError> {
     } else {
         Err(ControlError::InvalidArgs(format!("`{id}` is not a backup id (like 20261122T030000Z-a1b2c3) or latest")))
     }
+}
+
+/// Defence in depth beside the D-Bus policy (which already lets only root call these): a method
+/// that changes anything serves root only, whatever a policy file on the box says.
+async fn require_root(conn: &zbus::Connection, hdr: &zbus::message::Header<'_>) -> Result<(), ControlError> {
+    let sender = hdr.sender().ok_or_else(|| ControlError::AccessDenied("the call has no sender".into()))?;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(ControlError::ZBus)?;
+    let uid = dbus
+        .get_connection_unix_user(zbus::names::BusName::from(sender.to_owned()))
+        .await
+        .map_err(|e| ControlError::ZBus(e.into()))?;
+    if uid != 0 {
+        return Err(ControlError::AccessDenied(format!(
+            "only root may change anything through caretaker (the caller runs as uid {uid})"
+        )));
+    }
+    Ok(())
 }
 
 fn busy(b: super::jobs::Busy) -> ControlError {
@@ -165,7 +184,13 @@ impl Control {
     }
 
     /// Starts a backup job of `kind` (`all`, `postgres` or `redis`); returns the job id.
-    async fn backup_now(&self, kind: &str) -> Result<String, ControlError> {
+    async fn backup_now(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        kind: &str,
+    ) -> Result<String, ControlError> {
+        require_root(conn, &hdr).await?;
         let kinds = parse_kinds(kind)?;
         let cfg = self.backup_config()?;
         let body = bodies::backup_job(cfg, kinds, self.jobs.alerts());
@@ -174,7 +199,14 @@ impl Control {
 
     /// Starts a restore drill of backup `id` (`latest`: the newest of each kind in `kind`); returns
     /// the job id. `kind` is `all`, `postgres` or `redis`.
-    async fn verify(&self, kind: &str, id: &str) -> Result<String, ControlError> {
+    async fn verify(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        kind: &str,
+        id: &str,
+    ) -> Result<String, ControlError> {
+        require_root(conn, &hdr).await?;
         let kinds = parse_kinds(kind)?;
         check_backup_id(id)?;
         let cfg = self.backup_config()?;
@@ -185,7 +217,15 @@ impl Control {
     /// Starts a restore (a job): `what` is `postgres` or `redis`; `backup` an id or `latest`;
     /// `target_db` (postgres only, empty: backup.database) the database to replace. The backup is
     /// loaded into something new and verified before anything live is touched.
-    async fn restore(&self, what: &str, backup: &str, target_db: &str) -> Result<String, ControlError> {
+    async fn restore(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        what: &str,
+        backup: &str,
+        target_db: &str,
+    ) -> Result<String, ControlError> {
+        require_root(conn, &hdr).await?;
         let kind = Kind::parse(what)
             .ok_or_else(|| ControlError::InvalidArgs(format!("`{what}` is not one of postgres, redis")))?;
         check_backup_id(backup)?;
@@ -210,7 +250,15 @@ impl Control {
     /// Starts a migration (a job) from the PostgreSQL named by the SSM parameter `ssm_param` or the
     /// root-only file `url_file` (exactly one non-empty); with `swap` the verified copy replaces
     /// the live database. The connection string itself never crosses the bus.
-    async fn migrate(&self, ssm_param: &str, url_file: &str, swap: bool) -> Result<String, ControlError> {
+    async fn migrate(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        ssm_param: &str,
+        url_file: &str,
+        swap: bool,
+    ) -> Result<String, ControlError> {
+        require_root(conn, &hdr).await?;
         let source = match (ssm_param.is_empty(), url_file.is_empty()) {
             (false, true) => {
                 if !ssm_param.starts_with('/')
@@ -235,7 +283,13 @@ impl Control {
 
     /// Applies retention (keep-daily, keep-weekly; never the newest or the newest verified backup):
     /// deletes what is not kept, or with `dry_run` only says what would go. Returns the job id.
-    async fn prune(&self, dry_run: bool) -> Result<String, ControlError> {
+    async fn prune(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        dry_run: bool,
+    ) -> Result<String, ControlError> {
+        require_root(conn, &hdr).await?;
         let cfg = self.backup_config()?;
         let alerts = self.jobs.alerts().filter(|_| !dry_run);
         let description = if dry_run { "prune (dry run)" } else { "prune" };
@@ -245,7 +299,15 @@ impl Control {
     /// Starts an update of the API to `version` (`latest`: what APP/LATEST names); with `dry_run`
     /// fetch and verify only; a version older than the running one only with `allow_downgrade`.
     /// Returns the job id. The version is validated before anything else.
-    async fn update(&self, version: &str, dry_run: bool, allow_downgrade: bool) -> Result<String, ControlError> {
+    async fn update(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        version: &str,
+        dry_run: bool,
+        allow_downgrade: bool,
+    ) -> Result<String, ControlError> {
+        require_root(conn, &hdr).await?;
         let target = if version == "latest" {
             crate::release::Target::Latest
         } else {
@@ -287,7 +349,12 @@ impl Control {
 
     /// Re-reads the configuration. An invalid configuration is refused with
     /// `io.shtetl.Caretaker1.Error.InvalidConfig` and the old one stays in force.
-    async fn reload(&self) -> Result<(), ControlError> {
+    async fn reload(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(), ControlError> {
+        require_root(conn, &hdr).await?;
         let (tx, rx) = oneshot::channel();
         self.requests
             .send(Request::Reload(tx))
