@@ -151,10 +151,7 @@ fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
     let ses = ses_for(&b);
     let out = b.sh("caretaker backup now");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let list =
-        b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres");
-    let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
-    let id = manifests[0]["id"].as_str().unwrap().to_string();
+    let id = b.backup_ids("postgres")[0].clone();
 
     let out = b.sh("caretaker backup verify");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -334,10 +331,7 @@ fn decrypt_errors_under_the_shipped_unit_say_what_is_wrong_and_never_panic() {
     let (b, moto) = drill_rig("bk-age");
     let out = b.sh("caretaker backup now --kind postgres");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let list =
-        b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres");
-    let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
-    let id = manifests[0]["id"].as_str().unwrap().to_string();
+    let id = b.backup_ids("postgres")[0].clone();
     let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
     let original = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().body;
     let verify = |b: &LabBox| {

@@ -30,6 +30,15 @@ async fn bucket(moto: &Moto, name: &str) -> S3 {
     S3::new(client)
 }
 
+/// moto with a `backups` bucket, and a configuration that backs up to it.
+async fn backups_bucket() -> (Moto, S3, caretaker::config::Config) {
+    let moto = Moto::start().unwrap();
+    let s3 = bucket(&moto, "backups").await;
+    let mut cfg = caretaker::config::Config::default();
+    cfg.backup.bucket = Some("backups".into());
+    (moto, s3, cfg)
+}
+
 fn producer(script: &str) -> tokio::process::Child {
     tokio::process::Command::new("sh").arg("-c").arg(script).stdout(Stdio::piped()).spawn().unwrap()
 }
@@ -133,10 +142,7 @@ async fn s3_unreachable_fails_in_bounded_time_with_a_clear_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_rest_whole() {
     use caretaker::backup::run::{Kind, Manifest, folder, list, prune};
-    let moto = Moto::start().unwrap();
-    let s3 = bucket(&moto, "backups").await;
-    let mut cfg = caretaker::config::Config::default();
-    cfg.backup.bucket = Some("backups".into());
+    let (_moto, s3, mut cfg) = backups_bucket().await;
     cfg.backup.keep_daily = 3;
     cfg.backup.keep_weekly = 2;
     // One backup a day for 20 days (2026-11-02 is a Monday); only an old one was ever verified.
@@ -190,10 +196,7 @@ async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_that_caretaker_did_not_write_where_they_are_are_ignored_and_never_panic() {
     use caretaker::backup::run::{Kind, folder, list, prune};
-    let moto = Moto::start().unwrap();
-    let s3 = bucket(&moto, "backups").await;
-    let mut cfg = caretaker::config::Config::default();
-    cfg.backup.bucket = Some("backups".into());
+    let (_moto, s3, cfg) = backups_bucket().await;
     let started = humantime::parse_rfc3339("2026-11-22T03:00:00Z").unwrap();
     let manifest = |id: &str| {
         serde_json::json!({

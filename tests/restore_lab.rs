@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use caretaker_testkit::lab::{BoxOptions, LabBox};
 use caretaker_testkit::moto::Moto;
+use caretaker_testkit::wait_until;
 
 /// postgres + redis + the API running, caretaker backing up to moto for an age recipient whose
 /// identity is in the env file, and `rows` cities (with PostGIS points) in database zmanim.
@@ -85,10 +86,7 @@ fn a_backup_altered_by_one_byte_is_refused_during_the_stream_and_the_live_data_i
     backup(&b);
     psql(&b, "zmanim", "delete from cities where id > 100");
     let live = fingerprint(&b, "zmanim");
-    let list =
-        b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres");
-    let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
-    let id = manifests[0]["id"].as_str().unwrap();
+    let id = &b.backup_ids("postgres")[0];
     let key = format!("/backups/caretaker/postgres/{}/{}/{}/{id}/data.zst.age", &id[0..4], &id[4..6], &id[6..8]);
     let mut obj = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().body;
     let at = obj.len() * 2 / 3;
@@ -113,20 +111,24 @@ fn a_daemon_killed_mid_restore_leaves_the_live_database_alone_and_the_leftover_i
     psql(&b, "zmanim", "delete from cities where id > 10");
     let live = fingerprint(&b, "zmanim");
     b.sh_ok("systemd-run --unit=rs-kill-cli --collect caretaker restore postgres");
-    let end = Instant::now() + Duration::from_secs(60);
-    while !databases(&b).contains("zmanim_restore_") {
-        assert!(Instant::now() < end, "the restore never created its database: {}", b.journal("caretaker.service"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the restore never created its database",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || databases(&b).contains("zmanim_restore_"),
+        || b.journal("caretaker.service"),
+    );
     b.sh_ok("kill -KILL $(systemctl show -p MainPID --value caretaker.service)");
     assert_eq!(fingerprint(&b, "zmanim"), live, "the live database is untouched");
     assert_eq!(b.sh_ok("systemctl is-active zmanim-api.service").trim(), "active");
     // systemd restarts caretaker (Restart=on-failure, 5 s); it drops the leftover.
-    let end = Instant::now() + Duration::from_secs(45);
-    while databases(&b).contains("zmanim_restore_") {
-        assert!(Instant::now() < end, "leftover not dropped: {}\n{}", databases(&b), b.journal("caretaker.service"));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_until(
+        "leftover not dropped",
+        Duration::from_secs(45),
+        Duration::from_millis(500),
+        || !databases(&b).contains("zmanim_restore_"),
+        || format!("{}\n{}", databases(&b), b.journal("caretaker.service")),
+    );
     assert_eq!(fingerprint(&b, "zmanim"), live);
     assert!(b.journal("caretaker.service").contains("left by an interrupted restore"));
 }
@@ -223,17 +225,21 @@ fn a_restore_into_another_database_leaves_the_api_running_and_a_kill_leaves_noth
     // A daemon killed while restoring into `reports`: its `reports_restore_*` is dropped at the
     // next start, although `reports` is not the configured database.
     b.sh_ok("systemd-run --unit=rs-other-cli --collect caretaker restore postgres --target-db reports");
-    let end = Instant::now() + Duration::from_secs(60);
-    while !databases(&b).contains("reports_restore_") {
-        assert!(Instant::now() < end, "the restore never created its database: {}", b.journal("caretaker.service"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the restore never created its database",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || databases(&b).contains("reports_restore_"),
+        || b.journal("caretaker.service"),
+    );
     b.sh_ok("kill -KILL $(systemctl show -p MainPID --value caretaker.service)");
-    let end = Instant::now() + Duration::from_secs(45);
-    while databases(&b).contains("reports_restore_") {
-        assert!(Instant::now() < end, "leftover not dropped: {}\n{}", databases(&b), b.journal("caretaker.service"));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_until(
+        "leftover not dropped",
+        Duration::from_secs(45),
+        Duration::from_millis(500),
+        || !databases(&b).contains("reports_restore_"),
+        || format!("{}\n{}", databases(&b), b.journal("caretaker.service")),
+    );
     assert!(b.journal("caretaker.service").contains("left by an interrupted restore"));
 
     // The same restore, to its end: the API (whose database is zmanim) is never stopped.
@@ -280,11 +286,13 @@ fn a_restore_without_room_is_refused_or_stopped_and_postgres_never_panics() {
     psql(&b, "postgres", "select pg_reload_conf()");
     fill("filler", 800);
     b.sh_ok("systemd-run --unit=rs-room-cli --collect --property=StandardOutput=file:/var/tmp/rs-room.out caretaker restore postgres");
-    let end = Instant::now() + Duration::from_secs(60);
-    while !databases(&b).contains("zmanim_restore_") {
-        assert!(Instant::now() < end, "the restore never created its database: {}", b.journal("caretaker.service"));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the restore never created its database",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || databases(&b).contains("zmanim_restore_"),
+        || b.journal("caretaker.service"),
+    );
     fill("filler2", 200);
     let end = Instant::now() + Duration::from_secs(60);
     while b.sh("systemctl is-active rs-room-cli.service").status.success() {

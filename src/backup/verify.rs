@@ -27,10 +27,6 @@ pub enum VerifyError {
     NoSuchBackup { kind: &'static str, id: String, bucket: String, prefix: String },
     #[error("{0}")]
     Fetch(#[from] fetch::FetchError),
-    #[error("postgres: {0}")]
-    PgClient(#[from] crate::pg::PgError),
-    #[error("postgres: {0}")]
-    PgQuery(#[from] tokio_postgres::Error),
     /// pg_restore exited non-zero (its stderr is in the journal, see `pg::tool_failure`).
     #[error("{0}")]
     Restore(String),
@@ -44,6 +40,10 @@ pub enum VerifyError {
     NoRoom(String),
     #[error("cancelled")]
     Cancelled,
+    #[error("postgres: {0}")]
+    PgClient(#[from] crate::pg::PgError),
+    #[error("postgres: {0}")]
+    PgQuery(#[from] tokio_postgres::Error),
 }
 
 /// The backup `id` of `kind` (`latest`: the newest).

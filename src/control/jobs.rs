@@ -294,6 +294,16 @@ impl JobCtx {
 mod tests {
     use super::*;
 
+    /// Waits (up to 2 s) until no job is running.
+    async fn settled(jobs: &Jobs) {
+        for _ in 0..200 {
+            if jobs.current().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn one_job_at_a_time_and_results_are_kept() {
         let jobs = Jobs::new(CancellationToken::new());
@@ -311,23 +321,13 @@ mod tests {
         assert_eq!(busy.id, first.id);
         assert!(busy.to_string().contains("backup postgres"), "{busy}");
         tx.send(()).unwrap();
-        for _ in 0..100 {
-            if jobs.current().is_none() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settled(&jobs).await;
         let done = jobs.get(&first.id).unwrap();
         assert_eq!(done.state, JobState::Succeeded);
         assert_eq!(done.summary, "42 bytes");
         let failed =
             jobs.start("verify", "verify latest", |_| Box::pin(async { Err("hash mismatch".into()) })).unwrap();
-        for _ in 0..100 {
-            if jobs.current().is_none() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settled(&jobs).await;
         assert_eq!(jobs.get(&failed.id).unwrap().state, JobState::Failed);
         assert_eq!(jobs.history().len(), 2);
     }
@@ -352,12 +352,7 @@ mod tests {
         let jobs = Jobs::new(CancellationToken::new());
         let info =
             jobs.start("backup", "backup postgres", |_| Box::pin(async { panic!("id too short: `x`") })).unwrap();
-        for _ in 0..200 {
-            if jobs.current().is_none() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settled(&jobs).await;
         let done = jobs.get(&info.id).unwrap();
         assert_eq!(done.state, JobState::Failed);
         assert!(done.summary.contains("id too short"), "{}", done.summary);

@@ -280,6 +280,15 @@ impl LabBox {
         cmd
     }
 
+    /// The ids of the backups of `kind` that `caretaker backup list` shows in the box, oldest first.
+    pub fn backup_ids(&self, kind: &str) -> Vec<String> {
+        let list = self.sh_ok(&format!(
+            "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind {kind}"
+        ));
+        let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).expect("backup list --json");
+        manifests.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect()
+    }
+
     /// Points caretaker's backups at moto's S3 (`s3-endpoint`, region us-east-1, bucket `backups`
     /// for the age `recipient`), with `extra` TOML after the `[backup]` keys, in a drop-in, and
     /// gives caretaker.service moto's test keys.

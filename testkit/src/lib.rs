@@ -17,3 +17,18 @@ pub mod ssmdoc;
 pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit lives in the repo").to_path_buf()
 }
+
+/// Polls `done` every `every` until it holds; panics naming `what` (and `detail()`) after `within`.
+pub fn wait_until(
+    what: &str,
+    within: std::time::Duration,
+    every: std::time::Duration,
+    mut done: impl FnMut() -> bool,
+    detail: impl Fn() -> String,
+) {
+    let end = std::time::Instant::now() + within;
+    while !done() {
+        assert!(std::time::Instant::now() < end, "{what} (after {within:?}): {}", detail());
+        std::thread::sleep(every);
+    }
+}
