@@ -30,6 +30,11 @@ pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
 
+/// Now in RFC 3339, UTC, with microseconds (records that must order events within a second).
+pub fn now_rfc3339_micros() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
 /// `t` as `20261122T170501Z`: for ids and names that sort by time.
 pub fn compact_stamp(t: SystemTime) -> String {
     rfc3339(t).replace(['-', ':'], "")

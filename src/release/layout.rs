@@ -151,7 +151,7 @@ impl Install {
 }
 
 fn now_micros() -> String {
-    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+    crate::units::now_rfc3339_micros()
 }
 
 fn read_marker(release_dir: &Path) -> Option<Marker> {
