@@ -72,7 +72,8 @@ pub fn is_ours(name: &str) -> bool {
             .any(|infix| name.rsplit_once(infix).is_some_and(|(head, stamp)| !head.is_empty() && is_stamp(stamp)))
 }
 
-fn is_stamp(s: &str) -> bool {
+/// Whether `s` has the shape of [`super::swap::stamp`]: `YYYYMMDD_HHMMSS`.
+pub(super) fn is_stamp(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 15 && b[8] == b'_' && b.iter().enumerate().all(|(i, c)| i == 8 || c.is_ascii_digit())
 }

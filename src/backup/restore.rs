@@ -19,8 +19,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::fetch;
+use super::leftovers::is_stamp;
 use super::run::{self, DATA, Kind};
-use super::swap::{SwapError, is_kept_name, is_stamp, stamp, start, stop, swap_in};
+use super::swap::{SwapError, is_kept_name, stamp, start, stop, swap_in};
 use super::verify::{self, VerifyError};
 use crate::aws::s3::S3;
 use crate::config::Config;

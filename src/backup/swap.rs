@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::warn;
 
+use super::leftovers::is_stamp;
 use crate::config::{Config, ServiceKind};
 use crate::health::{Gate, Probe};
 use crate::maintenance;
@@ -37,11 +38,6 @@ pub fn stamp(t: SystemTime) -> String {
 /// Whether `name` is a database a restore kept (`DB_pre_restore_YYYYMMDD_HHMMSS`).
 pub fn is_kept_name(db: &str, name: &str) -> bool {
     name.strip_prefix(db).and_then(|r| r.strip_prefix("_pre_restore_")).is_some_and(is_stamp)
-}
-
-pub(super) fn is_stamp(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 15 && b[8] == b'_' && b.iter().enumerate().all(|(i, c)| i == 8 || c.is_ascii_digit())
 }
 
 async fn api_was_active(systemd: &Systemd, unit: &str) -> bool {
