@@ -119,9 +119,7 @@ pub async fn restore_postgres(
 async fn warn_if_nearly_full(cfg: &Config, kept: Option<&str>, progress: &(dyn Fn(String) + Send + Sync)) {
     let target = PgTarget::new(&cfg.services.postgres);
     let Ok(admin) = target.connect("postgres", Duration::from_secs(10)).await else { return };
-    let dir: Option<String> = admin.query_one("SHOW data_directory", &[]).await.ok().map(|r| r.get(0));
-    let dir =
-        dir.map(PathBuf::from).filter(|p| p.is_absolute()).unwrap_or_else(|| cfg.services.postgres.data_dir.clone());
+    let dir = super::room::data_dir(&admin, &cfg.services.postgres.data_dir).await;
     let Ok(room) = super::room::measure(&dir) else { return };
     let kept_bytes = match kept {
         Some(name) => admin

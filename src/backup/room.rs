@@ -27,22 +27,27 @@ pub struct Room {
     pub total: u64,
 }
 
-/// Where PostgreSQL keeps its data (asked, else the configured data dir) and its `max_wal_size`.
+async fn show(admin: &tokio_postgres::Client, name: &str) -> Option<String> {
+    admin.query_one(&format!("SHOW {name}"), &[]).await.ok().map(|r| r.get::<_, String>(0))
+}
+
+/// Where PostgreSQL keeps its data, as it says (else the configured data dir). What PostgreSQL
+/// says is only used to measure: a path that is not absolute is not used.
+pub async fn data_dir(admin: &tokio_postgres::Client, configured: &Path) -> PathBuf {
+    show(admin, "data_directory")
+        .await
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| configured.to_path_buf())
+}
+
+/// Where PostgreSQL keeps its data and its `max_wal_size`.
 async fn where_and_wal(target: &PgTarget, configured: &Path) -> (PathBuf, u64) {
     let Ok(admin) = target.connect("postgres", Duration::from_secs(10)).await else {
         return (configured.to_path_buf(), 1 << 30);
     };
-    let show = |name: &'static str| {
-        let admin = &admin;
-        async move { admin.query_one(&format!("SHOW {name}"), &[]).await.ok().map(|r| r.get::<_, String>(0)) }
-    };
-    // What PostgreSQL says is only used to measure: a path that is not absolute is not used.
-    let dir = show("data_directory")
-        .await
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .unwrap_or_else(|| configured.to_path_buf());
-    let wal = show("max_wal_size").await.and_then(|s| parse_size(&s)).unwrap_or(1 << 30).min(64 << 30);
+    let dir = data_dir(&admin, configured).await;
+    let wal = show(&admin, "max_wal_size").await.and_then(|s| parse_size(&s)).unwrap_or(1 << 30).min(64 << 30);
     (dir, wal)
 }
 
