@@ -80,7 +80,7 @@ If the new configuration is invalid the daemon keeps the old one and this comman
     /// Update the API to a release from the releases bucket; roll back by itself if it is unhealthy.
     #[command(long_about = "Ask the daemon to update the API (a job; progress is printed as it goes). In order: \
 validate the version; fetch RELEASE-BUCKET/APP/VERSION/SHA256SUMS (and SHA256SUMS.sig, refused without a valid \
-signature when release.public-key is set); stream the artifact to services.api.install-dir/releases/VERSION/ under \
+Ed25519 signature over the app, the version and SHA256SUMS when release.public-key is set); stream the artifact to services.api.install-dir/releases/VERSION/ under \
 a temporary name, fsync it and check its SHA-256; switch the `current` link atomically; restart the API unit; \
 health-gate it (release.health-gate-consecutive healthy probes within release.health-gate-timeout). When the gate \
 fails, `current` goes back to the previous release, the API is restarted and confirmed healthy, one alert email is \

@@ -78,7 +78,8 @@ enum Sig<'a> {
 async fn publish_with(s3: &S3, version: &str, bytes: Vec<u8>, sums_for: &[u8], sig: Sig<'_>) {
     let sums = format!("{}  {APP}\n{}  {APP}.sbom.json\n", hex::encode(Sha256::digest(sums_for)), "0".repeat(64));
     if let Sig::With(key) = sig {
-        let signature = key.sign(sums.as_bytes()).to_bytes().to_vec();
+        let message = caretaker::release::verify::signed_message(APP, version, sums.as_bytes());
+        let signature = key.sign(&message).to_bytes().to_vec();
         s3.put_object(BUCKET, &format!("{APP}/{version}/SHA256SUMS.sig"), signature).await.unwrap();
     }
     s3.put_object(BUCKET, &format!("{APP}/{version}/SHA256SUMS"), sums.into_bytes()).await.unwrap();
@@ -416,6 +417,16 @@ async fn with_a_key_configured_unsigned_and_badly_signed_releases_are_refused() 
     s3.put_object(BUCKET, &format!("{APP}/v4/SHA256SUMS"), sums.into_bytes()).await.unwrap();
     s3.put_object(BUCKET, &format!("{APP}/v4/SHA256SUMS.sig"), sig).await.unwrap();
     assert!(matches!(run(&api, &cfg, &s3, &to("v4")).await, Err(UpdateError::BadSignature { .. })));
+
+    // A signed release copied under a newer version's name (v1's files as v5) is refused: the
+    // version is part of what is signed.
+    for file in ["SHA256SUMS", "SHA256SUMS.sig", APP] {
+        let body = s3.get_object(BUCKET, &format!("{APP}/v1/{file}")).await.unwrap().unwrap();
+        s3.put_object(BUCKET, &format!("{APP}/v5/{file}"), body).await.unwrap();
+    }
+    let renamed = run(&api, &cfg, &s3, &to("v5")).await.unwrap_err();
+    assert!(matches!(renamed, UpdateError::BadSignature { .. }), "{renamed}");
+    assert!(renamed.to_string().contains("the version `v5`"), "{renamed}");
 
     // Without the key the unsigned release is fine.
     cfg.release.public_key = None;

@@ -2,8 +2,8 @@
 //! health-gated, rolled back by themselves.
 //!
 //! In the bucket (`[release]`): `APP/VERSION/ARTIFACT`, `APP/VERSION/SHA256SUMS` (sha256sum lines
-//! `HASH  NAME`), optionally `APP/VERSION/SHA256SUMS.sig` (Ed25519 over the SHA256SUMS bytes; required
-//! when `release.public-key` is set) and `APP/LATEST` (the newest version string).
+//! `HASH  NAME`), optionally `APP/VERSION/SHA256SUMS.sig` (Ed25519 over the app, the version and the
+//! SHA256SUMS bytes: `verify::signed_message`; required when `release.public-key` is set) and `APP/LATEST` (the newest version string).
 //!
 //! On disk (`services.api.install-dir`, /opt/zmanim):
 //! ```text

@@ -147,9 +147,9 @@ where
         let Some(sig) = store.small(&sig_key).await? else {
             return Err(UpdateError::Unsigned { version, bucket: bucket.into(), key: sig_key });
         };
-        verify::verify_signature(key, &sums, &sig)
+        verify::verify_signature(key, &rc.app, &version, &sums, &sig)
             .map_err(|reason| UpdateError::BadSignature { version: version.clone(), reason })?;
-        progress("the signature over SHA256SUMS verifies".into());
+        progress(format!("the signature over {} {version} and SHA256SUMS verifies", rc.app));
     }
     let expected = verify::expected_sha256(&sums, &rc.artifact)
         .map_err(|what| UpdateError::Incomplete { version: version.clone(), what })?;

@@ -1,5 +1,7 @@
 //! What makes a download trustworthy: its line in SHA256SUMS, and (when a key is configured) an
-//! Ed25519 signature over the SHA256SUMS bytes. Pure functions, no I/O.
+//! Ed25519 signature over [`signed_message`]: the app, the version and the SHA256SUMS bytes — so
+//! whoever can write the bucket can neither pass one release off as another version nor move it
+//! to another app. Pure functions, no I/O.
 
 use ed25519_dalek::{Signature, VerifyingKey};
 
@@ -18,11 +20,29 @@ pub fn parse_signature(data: &[u8]) -> Result<Signature, String> {
     Ok(Signature::from_bytes(&raw))
 }
 
-/// Checks `signature` (a `SHA256SUMS.sig` file) over `sums` with `key` (strict verification: no
-/// malleable or small-order signatures).
-pub fn verify_signature(key: &VerifyingKey, sums: &[u8], signature: &[u8]) -> Result<(), String> {
+/// What a release's signature covers:
+/// `caretaker release v1\napp APP\nversion VERSION\n` followed by the SHA256SUMS bytes. Made by
+/// `{ printf 'caretaker release v1\napp %s\nversion %s\n' APP VERSION; cat SHA256SUMS; } > msg &&
+/// openssl pkeyutl -sign -rawin -inkey key.pem -in msg -out SHA256SUMS.sig`.
+pub fn signed_message(app: &str, version: &str, sums: &[u8]) -> Vec<u8> {
+    let mut m = format!("caretaker release v1\napp {app}\nversion {version}\n").into_bytes();
+    m.extend_from_slice(sums);
+    m
+}
+
+/// Checks `signature` (a `SHA256SUMS.sig` file) over [`signed_message`] with `key` (strict
+/// verification: no malleable or small-order signatures).
+pub fn verify_signature(
+    key: &VerifyingKey,
+    app: &str,
+    version: &str,
+    sums: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
     let sig = parse_signature(signature)?;
-    key.verify_strict(sums, &sig).map_err(|_| "signature mismatch".to_string())
+    key.verify_strict(&signed_message(app, version, sums), &sig).map_err(|_| {
+        format!("signature mismatch (it must be over the app `{app}`, the version `{version}` and SHA256SUMS)")
+    })
 }
 
 /// The lowercase hex SHA-256 that SHA256SUMS gives for `name` (lines `HASH  NAME`, or `HASH *NAME`
@@ -75,13 +95,20 @@ mod tests {
         let key_hex = hex::encode(signing.verifying_key().as_bytes());
         let key = parse_public_key(&key_hex).unwrap();
         let sums = format!("{H}  zmanim-api\n");
-        let sig = signing.sign(sums.as_bytes()).to_bytes();
-        verify_signature(&key, sums.as_bytes(), &sig).unwrap();
-        verify_signature(&key, sums.as_bytes(), format!("{}\n", hex::encode(sig)).as_bytes()).unwrap();
-        assert!(verify_signature(&key, b"other", &sig).is_err());
-        assert!(verify_signature(&key, sums.as_bytes(), b"short").is_err());
-        let other = SigningKey::from_bytes(&[8u8; 32]).sign(sums.as_bytes()).to_bytes();
-        assert!(verify_signature(&key, sums.as_bytes(), &other).is_err());
+        let sig = signing.sign(&signed_message("zmanim", "v2", sums.as_bytes())).to_bytes();
+        let check = |app: &str, version: &str, sums: &[u8], sig: &[u8]| verify_signature(&key, app, version, sums, sig);
+        check("zmanim", "v2", sums.as_bytes(), &sig).unwrap();
+        check("zmanim", "v2", sums.as_bytes(), format!("{}\n", hex::encode(sig)).as_bytes()).unwrap();
+        assert!(check("zmanim", "v2", b"other", &sig).is_err());
+        assert!(check("zmanim", "v2", sums.as_bytes(), b"short").is_err());
+        // The same bytes under another version or app, or signed bare, do not verify.
+        assert!(check("zmanim", "v3", sums.as_bytes(), &sig).unwrap_err().contains("the version `v3`"));
+        assert!(check("other", "v2", sums.as_bytes(), &sig).is_err());
+        let bare = signing.sign(sums.as_bytes()).to_bytes();
+        assert!(check("zmanim", "v2", sums.as_bytes(), &bare).is_err());
+        let other =
+            SigningKey::from_bytes(&[8u8; 32]).sign(&signed_message("zmanim", "v2", sums.as_bytes())).to_bytes();
+        assert!(check("zmanim", "v2", sums.as_bytes(), &other).is_err());
         assert!(parse_public_key("abcd").is_err());
         assert!(parse_public_key(&"zz".repeat(32)).is_err());
     }
