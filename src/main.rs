@@ -270,8 +270,13 @@ async fn backup_list(sources: &Sources, kind: &str, json: bool) -> u8 {
     };
     let mut all = Vec::new();
     for k in kinds {
-        match run::list(&cfg, &s3, k).await {
-            Ok(mut m) => all.append(&mut m),
+        match run::listing(&cfg, &s3, k).await {
+            Ok(mut l) => {
+                all.append(&mut l.backups);
+                for i in &l.ignored {
+                    eprintln!("ignored: {}: {} (not a backup this box sealed)", i.key, i.why);
+                }
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return exit::FAILURE;

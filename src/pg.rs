@@ -126,6 +126,19 @@ pub fn collect_stderr(stderr: Option<tokio::process::ChildStderr>) -> tokio::tas
     })
 }
 
+/// A child's stdout up to `max` bytes, read in the background (the rest is drained, unread).
+pub fn collect_stdout(stdout: Option<tokio::process::ChildStdout>, max: u64) -> tokio::task::JoinHandle<String> {
+    use tokio::io::AsyncReadExt;
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        if let Some(mut s) = stdout {
+            let _ = (&mut s).take(max).read_to_end(&mut buf).await;
+            let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
 /// The one line a failed pg_dump/pg_restore leaves in job summaries, errors and emails: what
 /// failed, never its stderr — that can quote row data (`invalid input syntax … "value"`, `Key
 /// (email)=(…) already exists`) and job summaries are readable by every local user over D-Bus.

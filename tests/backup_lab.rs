@@ -13,6 +13,9 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     moto.create_bucket("backups").unwrap();
     let identity = age::x25519::Identity::generate();
     b.configure_backups(&moto.endpoint(), Some(&identity.to_public().to_string()), "part-size = 5242880\n").unwrap();
+    // This box holds only the public recipient, and the key that seals manifests.
+    let seal_key = "BACKUP_SEAL_KEY=0123456789abcdef0123456789abcdef\n";
+    b.write_file("/run/caretaker/env/caretaker.env", seal_key.as_bytes(), 0o600).unwrap();
     b.sh_ok(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
          runuser -u postgres -- psql -d zmanim -qc \"create table cities(id int primary key, name text); \
@@ -87,6 +90,10 @@ fn uploads_left_by_a_killed_daemon_are_aborted_at_start() {
     }
 }
 
+/// The key that seals manifests in the drill boxes (beside the identity: so that a test can change
+/// the identity and still find its backups).
+const SEAL_KEY: &str = "BACKUP_SEAL_KEY=fedcba9876543210fedcba9876543210\n";
+
 /// A box with postgres/redis running, moto's S3, caretaker taking backups for an age recipient
 /// whose identity is in the env file (as firstboot would write it from SSM), and a database.
 fn drill_rig(prefix: &str) -> (LabBox, Moto) {
@@ -96,7 +103,7 @@ fn drill_rig(prefix: &str) -> (LabBox, Moto) {
     let identity = age::x25519::Identity::generate();
     b.configure_backups(&moto.endpoint(), Some(&identity.to_public().to_string()), "").unwrap();
     use age::secrecy::ExposeSecret;
-    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", identity.to_string().expose_secret());
+    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n{SEAL_KEY}", identity.to_string().expose_secret());
     b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
     b.sh_ok(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
@@ -356,11 +363,132 @@ fn decrypt_errors_under_the_shipped_unit_say_what_is_wrong_and_never_panic() {
     assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], &original).unwrap().status, 200);
     use age::secrecy::ExposeSecret;
     let other = age::x25519::Identity::generate();
-    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", other.to_string().expose_secret());
+    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n{SEAL_KEY}", other.to_string().expose_secret());
     b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
     let text = verify(&b);
     assert!(text.contains("cannot decrypt") && text.contains("no matching key"), "{text}");
     assert!(!text.contains("damaged"), "a wrong identity is not damage: {text}");
     let journal = b.journal("caretaker.service");
     assert!(!journal.contains("panicked"), "{journal}");
+}
+
+/// A function that runs a shell command as whoever evaluates it, except in the databases named:
+/// planted in a CHECK constraint, it runs when pg_restore loads the table's rows.
+const PLANT: &str = "create function public.pwn(int) returns boolean language plpgsql as \\$f\\$ begin \
+    if current_database() not in ('evil', 'zmanim') then \
+      execute 'copy (select 1) to program ''touch /var/lib/postgresql/pwned'''; end if; return true; end \\$f\\$;";
+
+fn pwned(b: &LabBox) -> bool {
+    b.sh("test -e /var/lib/postgresql/pwned").status.success()
+}
+
+fn subjects(ses: &Moto, needle: &str) -> usize {
+    ses.sent_emails().unwrap().into_iter().filter(|e| e.subject.contains(needle)).count()
+}
+
+#[test]
+fn a_forged_backup_is_ignored_by_list_drill_restore_and_retention_and_reported_once() {
+    let (b, moto) = drill_rig("bk-forged");
+    let ses = ses_for(&b);
+    b.sh_ok("caretaker backup now --kind postgres");
+    let list = b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json");
+    let real: serde_json::Value = serde_json::from_str::<Vec<serde_json::Value>>(&list).unwrap().remove(0);
+    let real_id = real["id"].as_str().unwrap().to_string();
+
+    // The attacker knows the public recipient (it is in the configuration) and can write the
+    // bucket: a valid age file of a real pg_dump archive with a hostile entry, and a manifest
+    // with a later id and correct hashes — but no seal this box's keys make.
+    let recipient = real["encryption"]["recipients"][0].as_str().unwrap();
+    b.sh_ok(&format!(
+        "runuser -u postgres -- psql -qc 'create database evil' && \
+         runuser -u postgres -- psql -d evil -qc \"{PLANT} create table t(x int check (public.pwn(x))); insert into t values (1)\" && \
+         runuser -u postgres -- pg_dump -Fc evil > /tmp/forged.dump && zstd -q < /tmp/forged.dump | age -r {recipient} > /tmp/forged.age"
+    ));
+    let plain = std::fs::read(b.root().join("tmp/forged.dump")).unwrap();
+    let stored = std::fs::read(b.root().join("tmp/forged.age")).unwrap();
+    use sha2::Digest;
+    let sha = |d: &[u8]| hex::encode(sha2::Sha256::digest(d));
+    let header = &stored[..caretaker::backup::stream::age_prefix_len(&stored).unwrap()];
+    let forged_id =
+        caretaker::backup::run::new_id(std::time::SystemTime::now() + std::time::Duration::from_secs(86400));
+    let mut manifest = real.clone();
+    manifest["id"] = forged_id.clone().into();
+    manifest["plain_bytes"] = plain.len().into();
+    manifest["plain_sha256"] = sha(&plain).into();
+    manifest["stored_bytes"] = stored.len().into();
+    manifest["stored_sha256"] = sha(&stored).into();
+    manifest["header_sha256"] = sha(header).into();
+    manifest["details"]["row_counts"] = serde_json::json!({ "public.t": 1 });
+    let folder =
+        caretaker::backup::run::folder("/backups/caretaker", caretaker::backup::run::Kind::Postgres, &forged_id);
+    for (name, body) in [("data.zst.age", stored.clone()), ("manifest.json", serde_json::to_vec(&manifest).unwrap())] {
+        assert_eq!(moto.request("PUT", &format!("{folder}{name}"), &[Moto::s3_auth()], &body).unwrap().status, 200);
+    }
+    // And a copy of the real manifest (sealed) under the later id: sealed, but not about that id.
+    let copy = caretaker::backup::run::new_id(std::time::SystemTime::now() + std::time::Duration::from_secs(2 * 86400));
+    let real_key = format!(
+        "{}manifest.json",
+        caretaker::backup::run::folder("/backups/caretaker", caretaker::backup::run::Kind::Postgres, &real_id)
+    );
+    let real_body = moto.request("GET", &real_key, &[Moto::s3_auth()], b"").unwrap().body;
+    let copy_folder =
+        caretaker::backup::run::folder("/backups/caretaker", caretaker::backup::run::Kind::Postgres, &copy);
+    assert_eq!(
+        moto.request("PUT", &format!("{copy_folder}manifest.json"), &[Moto::s3_auth()], &real_body).unwrap().status,
+        200
+    );
+
+    // list: only the real one, the others named on stderr.
+    let out =
+        b.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json --kind postgres");
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.iter().map(|m| m["id"].as_str().unwrap()).collect::<Vec<_>>(), vec![real_id.as_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&forged_id) && stderr.contains("no seal") && stderr.contains(&copy), "{stderr}");
+
+    // The drill and `restore latest` take the real one.
+    let out = b.sh("caretaker backup verify latest --kind postgres");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && stdout.contains(&format!("postgres {real_id} verified")), "{stdout}");
+    let out = b.sh("caretaker restore postgres --backup latest --target-db copied");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && stdout.contains(&format!("restored backup {real_id} as copied")), "{stdout}");
+
+    // Retention neither counts nor deletes them; the report is one email, however often it runs.
+    for _ in 0..2 {
+        let out = b.sh("caretaker backup prune");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    for key in
+        [format!("{folder}manifest.json"), format!("{folder}data.zst.age"), format!("{copy_folder}manifest.json")]
+    {
+        assert_eq!(moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().status, 200, "{key} kept");
+    }
+    caretaker_testkit::wait_until(
+        "one report",
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_millis(250),
+        || subjects(&ses, "not backups this box wrote") == 1,
+        || format!("{:?}", ses.sent_emails().unwrap().into_iter().map(|e| e.subject).collect::<Vec<_>>()),
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(subjects(&ses, "not backups this box wrote"), 1);
+    assert!(!pwned(&b), "the forged archive ran");
+}
+
+#[test]
+fn a_function_the_api_planted_does_not_run_as_superuser_in_a_drill() {
+    let (b, _moto) = drill_rig("bk-plant");
+    // The API's role owns its database's objects: it can plant a CHECK that calls its function.
+    b.sh_ok(&format!(
+        "runuser -u postgres -- psql -d zmanim -qc \"{PLANT} create table planted(x int check (public.pwn(x))); insert into planted values (1)\""
+    ));
+    b.sh_ok("caretaker backup now --kind postgres");
+    let out = b.sh("caretaker backup verify latest --kind postgres");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!pwned(&b), "the planted function ran as a superuser during the drill: {stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("pg_restore failed"), "{stdout}");
+    let journal = b.journal("caretaker.service");
+    assert!(journal.contains("pg_execute_server_program role to COPY"), "{journal}");
 }

@@ -30,13 +30,22 @@ async fn bucket(moto: &Moto, name: &str) -> S3 {
     S3::new(client)
 }
 
-/// moto with a `backups` bucket, and a configuration that backs up to it.
-async fn backups_bucket() -> (Moto, S3, caretaker::config::Config) {
+/// moto with a `backups` bucket, and a configuration that backs up to it with a passphrase in
+/// its env file (the tempdir holds that file).
+async fn backups_bucket() -> (Moto, S3, caretaker::config::Config, tempfile::TempDir) {
     let moto = Moto::start().unwrap();
     let s3 = bucket(&moto, "backups").await;
+    let env = tempfile::tempdir().unwrap();
+    std::fs::write(env.path().join("caretaker.env"), "BACKUP_PASSPHRASE=\"correct horse battery staple\"\n").unwrap();
     let mut cfg = caretaker::config::Config::default();
     cfg.backup.bucket = Some("backups".into());
-    (moto, s3, cfg)
+    cfg.secrets.env_dir = env.path().to_path_buf();
+    (moto, s3, cfg, env)
+}
+
+/// The manifest (or report) as this configuration's box writes it: sealed.
+fn sealed(cfg: &caretaker::config::Config, doc: &impl serde::Serialize) -> Vec<u8> {
+    caretaker::backup::seal::SealKeys::for_config(cfg).unwrap().seal(doc)
 }
 
 fn producer(script: &str) -> tokio::process::Child {
@@ -142,7 +151,7 @@ async fn s3_unreachable_fails_in_bounded_time_with_a_clear_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_rest_whole() {
     use caretaker::backup::run::{Kind, Manifest, folder, list, prune};
-    let (_moto, s3, mut cfg) = backups_bucket().await;
+    let (_moto, s3, mut cfg, _env) = backups_bucket().await;
     cfg.backup.keep_daily = 3;
     cfg.backup.keep_weekly = 2;
     // One backup a day for 20 days (2026-11-02 is a Monday); only an old one was ever verified.
@@ -165,7 +174,8 @@ async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_r
             plain_bytes: 1,
             plain_sha256: String::new(),
             stored_bytes: 1,
-            stored_sha256: String::new(),
+            stored_sha256: format!("{day:064}"),
+            header_sha256: "0".repeat(64),
             parts: 1,
             compression: serde_json::json!({}),
             encryption: serde_json::json!({}),
@@ -173,9 +183,21 @@ async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_r
         };
         let f = folder("caretaker", Kind::Postgres, &id);
         s3.put_object("backups", &format!("{f}data.zst.age"), b"x".to_vec()).await.unwrap();
-        s3.put_object("backups", &format!("{f}manifest.json"), serde_json::to_vec(&m).unwrap()).await.unwrap();
-        if day == 2 {
-            s3.put_object("backups", &format!("{f}verify.json"), br#"{"ok": true}"#.to_vec()).await.unwrap();
+        s3.put_object("backups", &format!("{f}manifest.json"), sealed(&cfg, &m)).await.unwrap();
+        let report = |ok: bool| serde_json::json!({ "ok": ok, "id": id, "kind": "postgres", "fetched": { "stored_sha256": m.stored_sha256 } });
+        match day {
+            2 => s3.put_object("backups", &format!("{f}verify.json"), sealed(&cfg, &report(true))).await.unwrap(),
+            // Newer "verified" reports that are not: unsealed, or sealed but about another backup.
+            5 => s3
+                .put_object("backups", &format!("{f}verify.json"), report(true).to_string().into_bytes())
+                .await
+                .unwrap(),
+            6 => {
+                let mut other = report(true);
+                other["fetched"]["stored_sha256"] = serde_json::json!("0".repeat(64));
+                s3.put_object("backups", &format!("{f}verify.json"), sealed(&cfg, &other)).await.unwrap()
+            }
+            _ => {}
         }
         ids.push(id);
     }
@@ -196,25 +218,25 @@ async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_that_caretaker_did_not_write_where_they_are_are_ignored_and_never_panic() {
     use caretaker::backup::run::{Kind, folder, list, prune};
-    let (_moto, s3, cfg) = backups_bucket().await;
+    let (_moto, s3, cfg, _env) = backups_bucket().await;
     let started = humantime::parse_rfc3339("2026-11-22T03:00:00Z").unwrap();
-    let manifest = |id: &str| {
+    let doc = |id: &str| {
         serde_json::json!({
             "schema": 1, "id": id, "kind": "postgres", "instance_id": "i-0", "started_at": "2026-11-22T03:00:00Z",
             "finished_at": "2026-11-22T03:00:00Z", "duration_ms": 1, "caretaker_version": "t", "producer": "pg_dump",
             "producer_version": "", "producer_exit_status": 0, "plain_bytes": 1, "plain_sha256": "", "stored_bytes": 1,
-            "stored_sha256": "", "parts": 1, "compression": {}, "encryption": {}, "details": {}
+            "stored_sha256": "", "header_sha256": "0".repeat(64), "parts": 1, "compression": {}, "encryption": {},
+            "details": {}
         })
-        .to_string()
-        .into_bytes()
     };
+    let manifest = |id: &str| sealed(&cfg, &doc(id));
     let real = caretaker::backup::run::new_id(started);
     let f = folder("caretaker", Kind::Postgres, &real);
     s3.put_object("backups", &format!("{f}manifest.json"), manifest(&real)).await.unwrap();
     let later = caretaker::backup::run::new_id(started + Duration::from_secs(86400));
     // A short id (it used to panic the job that sliced it), a manifest in the wrong date folder, one
     // that names another backup than its folder, one of the wrong kind, and an oversized one.
-    let forged: Vec<(String, Vec<u8>)> = vec![
+    let mut forged: Vec<(String, Vec<u8>)> = vec![
         ("caretaker/postgres/x/manifest.json".into(), manifest("x")),
         (format!("caretaker/postgres/2020/01/01/{later}/manifest.json"), manifest(&later)),
         (format!("{}manifest.json", folder("caretaker", Kind::Postgres, &later)), manifest(&real)),
@@ -224,6 +246,19 @@ async fn manifests_that_caretaker_did_not_write_where_they_are_are_ignored_and_n
             manifest(&later),
         ),
     ];
+    // Where caretaker writes them, later than the real one, but not sealed by this box: no seal, a
+    // seal by another key, a sealed manifest edited afterwards.
+    let at = |days: u64| {
+        let id = caretaker::backup::run::new_id(started + Duration::from_secs(days * 86400));
+        (format!("{}manifest.json", folder("caretaker", Kind::Postgres, &id)), id)
+    };
+    let (unsealed, other_key, edited) = (at(3), at(4), at(5));
+    forged.push((unsealed.0.clone(), doc(&unsealed.1).to_string().into_bytes()));
+    let another_box = caretaker::backup::seal::SealKeys::from_secrets([b"another box".as_slice()]);
+    forged.push((other_key.0.clone(), another_box.seal(&doc(&other_key.1))));
+    let tampered =
+        String::from_utf8(manifest(&edited.1)).unwrap().replace("\"stored_bytes\": 1", "\"stored_bytes\": 2");
+    forged.push((edited.0.clone(), tampered.into_bytes()));
     for (key, body) in &forged {
         s3.put_object("backups", key, body.clone()).await.unwrap();
     }
@@ -234,8 +269,17 @@ async fn manifests_that_caretaker_did_not_write_where_they_are_are_ignored_and_n
         .await
         .unwrap();
 
-    let ids: Vec<String> = list(&cfg, &s3, Kind::Postgres).await.unwrap().into_iter().map(|m| m.id).collect();
+    let listed = caretaker::backup::run::listing(&cfg, &s3, Kind::Postgres).await.unwrap();
+    let ids: Vec<String> = listed.backups.iter().map(|m| m.id.clone()).collect();
     assert_eq!(ids, vec![real.clone()], "only the manifest caretaker wrote where it writes them");
+    // Each is reported (the redis-kind one where redis backups are listed; plus the oversized one).
+    assert_eq!(listed.ignored.len(), forged.len() - 1 + 1, "{:#?}", listed.ignored);
+    let why = |key: &str| listed.ignored.iter().find(|i| i.key == key).map(|i| i.why.clone()).unwrap();
+    assert!(why(&unsealed.0).contains("no seal"), "{}", why(&unsealed.0));
+    assert!(why(&other_key.0).contains("does not verify"), "{}", why(&other_key.0));
+    assert!(why(&edited.0).contains("does not verify"), "{}", why(&edited.0));
+    let latest = caretaker::backup::verify::find(&cfg, &s3, Kind::Postgres, "latest").await.unwrap();
+    assert_eq!(latest.id, real, "`latest` is the newest sealed backup, not the newest object");
     assert!(list(&cfg, &s3, Kind::Redis).await.unwrap().is_empty());
     let dry = prune(&cfg, &s3, true).await.unwrap();
     assert!(dry.iter().all(|r| r.decisions.iter().all(|d| d.id == real && d.keep)), "{dry:?}");
@@ -381,4 +425,133 @@ async fn a_part_that_keeps_failing_aborts_the_upload_and_a_transient_failure_is_
         direct.get_object("backups", "caretaker/redis/ok/data.zst.age").await.unwrap().is_some(),
         "earlier data intact"
     );
+}
+
+/// age-encrypts `plain` (no compression: the check fails before zstd would matter).
+fn age_encrypt(recipient: &dyn age::Recipient, plain: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = age::Encryptor::with_recipients(std::iter::once(recipient)).unwrap().wrap_output(&mut out).unwrap();
+    w.write_all(&zstd::encode_all(plain, 3).unwrap()).unwrap();
+    w.finish().unwrap();
+    out
+}
+
+fn header_sha(stored: &[u8]) -> String {
+    hex::encode(Sha256::digest(&stored[..caretaker::backup::stream::age_prefix_len(stored).unwrap()]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_object_releases_no_plaintext_and_a_costly_passphrase_is_refused() {
+    use caretaker::backup::fetch::{Decryption, FetchError, fetch_into};
+    let moto = Moto::start().unwrap();
+    let s3 = bucket(&moto, "backups").await;
+    let identity = age::x25519::Identity::generate();
+    let key = "caretaker/postgres/x/data.zst.age";
+    let out = producer("seq 1 100000").stdout.take().unwrap();
+    let pending =
+        upload(&s3, "backups", key, out, cfg(Encryption::Recipients(vec![identity.to_public()])), |_, _, _| {})
+            .await
+            .unwrap();
+    let header = pending.header_sha256.clone();
+    pending.complete().await.unwrap();
+    assert_eq!(header, header_sha(&s3.get_object("backups", key).await.unwrap().unwrap()));
+    let ids = || Decryption::Identities(vec![identity.clone()]);
+    let mut sink = Vec::new();
+    fetch_into(&s3, "backups", key, &header, ids(), &mut sink, |_, _| {}).await.unwrap();
+    assert!(sink.starts_with(b"1\n2\n"));
+
+    // Whoever holds the public recipient replaces the object with another valid one: not one byte
+    // of it reaches the sink (pg_restore's stdin, in a restore).
+    let forged = age_encrypt(&identity.to_public(), b"COPY x TO PROGRAM 'id';\n");
+    s3.put_object("backups", key, forged).await.unwrap();
+    let mut sink = Vec::new();
+    let err = fetch_into(&s3, "backups", key, &header, ids(), &mut sink, |_, _| {}).await.unwrap_err();
+    assert!(matches!(err, FetchError::Damaged(_)) && err.to_string().contains("replaced"), "{err}");
+    assert!(sink.is_empty(), "plaintext released: {:?}", String::from_utf8_lossy(&sink));
+
+    // A passphrase object with a higher scrypt work factor than caretaker writes is refused before
+    // any scrypt work (2^16 here; up to 2^20 used to be accepted: seconds of CPU and 1 GiB each).
+    let pass = age::secrecy::SecretString::from("a passphrase".to_string());
+    let mut costly = age::scrypt::Recipient::new(pass.clone());
+    costly.set_work_factor(caretaker::backup::stream::SCRYPT_LOG_N + 1);
+    let stored = age_encrypt(&costly, b"data");
+    s3.put_object("backups", "caretaker/redis/y/data.zst.age", stored.clone()).await.unwrap();
+    let err = fetch_into(
+        &s3,
+        "backups",
+        "caretaker/redis/y/data.zst.age",
+        &header_sha(&stored),
+        Decryption::Passphrase(pass.clone()),
+        Vec::new(),
+        |_, _| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, FetchError::Key(_)) && err.to_string().contains("work factor"), "{err}");
+    // What caretaker writes still decrypts.
+    let mut usual = age::scrypt::Recipient::new(pass.clone());
+    usual.set_work_factor(caretaker::backup::stream::SCRYPT_LOG_N);
+    let stored = age_encrypt(&usual, b"data");
+    s3.put_object("backups", "caretaker/redis/y/data.zst.age", stored.clone()).await.unwrap();
+    let mut sink = Vec::new();
+    let key = "caretaker/redis/y/data.zst.age";
+    fetch_into(&s3, "backups", key, &header_sha(&stored), Decryption::Passphrase(pass), &mut sink, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(sink, b"data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_bucket_with_object_lock_backups_upload_and_pruning_only_hides_locked_versions() {
+    let moto = Moto::start().unwrap();
+    let aws = AwsConfig { s3_endpoint: Some(moto.endpoint()), ..AwsConfig::default() };
+    let creds = aws_sdk_s3::config::Credentials::new("testing", "testing", None, None, "test");
+    let sdk = caretaker::aws::sdk::sdk_config_with_credentials("us-east-1", creds).await;
+    let client = caretaker::aws::sdk::s3_client(&sdk, &aws);
+    client.create_bucket().bucket("locked").send().await.unwrap();
+    let s3 = S3::new(client.clone());
+    let unprotected = s3.history_protection("locked").await.unwrap();
+    assert!(!unprotected.lock_enabled && unprotected.versioning == "never enabled", "{unprotected:?}");
+    // What packaging/aws/protect-backup-bucket does (the lab runs the script itself).
+    use aws_sdk_s3::types::{
+        BucketVersioningStatus, DefaultRetention, ObjectLockConfiguration, ObjectLockEnabled, ObjectLockRetentionMode,
+        ObjectLockRule, VersioningConfiguration,
+    };
+    let versioning = VersioningConfiguration::builder().status(BucketVersioningStatus::Enabled).build();
+    client.put_bucket_versioning().bucket("locked").versioning_configuration(versioning).send().await.unwrap();
+    let retention = DefaultRetention::builder().mode(ObjectLockRetentionMode::Governance).days(14).build();
+    let lock = ObjectLockConfiguration::builder()
+        .object_lock_enabled(ObjectLockEnabled::Enabled)
+        .rule(ObjectLockRule::builder().default_retention(retention).build())
+        .build();
+    client.put_object_lock_configuration().bucket("locked").object_lock_configuration(lock).send().await.unwrap();
+    let p = s3.history_protection("locked").await.unwrap();
+    assert_eq!(
+        (p.versioning.as_str(), p.lock_enabled, p.mode.as_deref(), p.days),
+        ("Enabled", true, Some("GOVERNANCE"), Some(14))
+    );
+
+    // A multipart backup and a manifest upload as usual (the SDK sends the checksums a locked
+    // bucket requires) …
+    let key = "caretaker/postgres/2026/11/22/x/data.zst.age";
+    let out = producer("head -c 6000000 /dev/urandom").stdout.take().unwrap();
+    let pass = age::secrecy::SecretString::from("p".to_string());
+    let pending = upload(&s3, "locked", key, out, cfg(Encryption::Passphrase(pass)), |_, _, _| {}).await.unwrap();
+    pending.complete().await.unwrap();
+    s3.put_object("locked", "caretaker/postgres/2026/11/22/x/manifest.json", b"{}".to_vec()).await.unwrap();
+    // … and a delete (what retention, or a compromised box, does) only hides them: the locked
+    // versions stay, and deleting a version is refused.
+    // (moto locks what PutObject stores; it does not apply the default retention to completed
+    // multipart uploads, which S3 does: the manifest is the object checked here.)
+    let manifest = "caretaker/postgres/2026/11/22/x/manifest.json";
+    for k in [key, manifest] {
+        s3.delete_object("locked", k).await.unwrap();
+        assert!(s3.get_object("locked", k).await.unwrap().is_none(), "deleted: no current version");
+        let versions = client.list_object_versions().bucket("locked").prefix(k).send().await.unwrap();
+        assert_eq!(versions.versions().len(), 1, "the version stays: {versions:?}");
+    }
+    let versions = client.list_object_versions().bucket("locked").prefix(manifest).send().await.unwrap();
+    let version = versions.versions()[0].version_id().unwrap();
+    let destroy = client.delete_object().bucket("locked").key(manifest).version_id(version).send().await;
+    assert!(destroy.is_err(), "a locked version was deleted");
 }

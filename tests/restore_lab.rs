@@ -10,6 +10,9 @@ use caretaker_testkit::wait_until;
 
 /// postgres + redis + the API running, caretaker backing up to moto for an age recipient whose
 /// identity is in the env file, and `rows` cities (with PostGIS points) in database zmanim.
+/// The key that seals the rig's manifests (a test that changes a manifest seals it again).
+const SEAL_KEY: &str = "0123456789abcdef0123456789abcdef-restore";
+
 fn rig(prefix: &str, rows: u32) -> (LabBox, Moto) {
     let b = LabBox::start(prefix, BoxOptions::default()).expect("lab box boots");
     let moto = Moto::start_in_netns(b.pid1()).expect("moto");
@@ -19,7 +22,7 @@ fn rig(prefix: &str, rows: u32) -> (LabBox, Moto) {
                    [services.redis]\ndata-dir = \"/var/lib/redis\"\n";
     b.configure_backups(&moto.endpoint(), Some(&identity.to_public().to_string()), release).unwrap();
     use age::secrecy::ExposeSecret;
-    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\n", identity.to_string().expose_secret());
+    let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\nBACKUP_SEAL_KEY={SEAL_KEY}\n", identity.to_string().expose_secret());
     b.write_file("/run/caretaker/env/caretaker.env", env.as_bytes(), 0o600).unwrap();
     b.sh_ok(&format!(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
@@ -71,6 +74,19 @@ fn restoring_the_latest_backup_after_rows_were_deleted_brings_them_back_and_keep
     assert!(!dbs.contains("zmanim_restore_"), "{dbs}");
     assert_eq!(b.sh_ok("systemctl is-active zmanim-api.service").trim(), "active");
     assert_eq!(psql(&b, "zmanim", "select count(*) from cities where st_isvalid(loc)"), "3000");
+    // pg_restore ran as caretaker_restore; everything it made now belongs to the live database's owner.
+    assert_eq!(psql(&b, "zmanim", "select tableowner from pg_tables where tablename = 'cities'"), "postgres");
+    assert_eq!(
+        psql(&b, "postgres", "select pg_get_userbyid(datdba) from pg_database where datname = 'zmanim'"),
+        "postgres"
+    );
+    let owned =
+        "select count(*) from pg_class where relowner = (select oid from pg_roles where rolname = 'caretaker_restore')";
+    assert_eq!(psql(&b, "zmanim", owned), "0");
+    assert_eq!(
+        psql(&b, "postgres", "select rolsuper::text from pg_roles where rolname = 'caretaker_restore'"),
+        "false"
+    );
 
     let listed = b.sh_ok("caretaker restore list-kept");
     assert!(listed.contains(&kept), "{listed}");
@@ -189,8 +205,10 @@ fn a_failed_redis_restore_puts_the_old_data_back() {
     let mut m = manifests[0].clone();
     let id = m["id"].as_str().unwrap().to_string();
     m["details"]["dbsize"] = serde_json::json!(999);
+    // Sealed again with the box's key: a manifest caretaker wrote, that disagrees with its data.
+    let resealed = caretaker::backup::seal::SealKeys::from_secrets([SEAL_KEY.as_bytes()]).seal(&m);
     let key = format!("/backups/caretaker/redis/{}/{}/{}/{id}/manifest.json", &id[0..4], &id[4..6], &id[6..8]);
-    assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], m.to_string().as_bytes()).unwrap().status, 200);
+    assert_eq!(moto.request("PUT", &key, &[Moto::s3_auth()], &resealed).unwrap().status, 200);
 
     let out = b.sh("caretaker restore redis");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

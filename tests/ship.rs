@@ -51,7 +51,7 @@ fn granting<'a>(policy: &'a Value, action: &str) -> Vec<&'a Value> {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| strings(&s["Action"]).iter().any(|a| a == action))
+        .filter(|s| s["Effect"] == "Allow" && strings(&s["Action"]).iter().any(|a| a == action))
         .collect()
 }
 
@@ -71,8 +71,8 @@ fn iam_problems(policy: &Value) -> Vec<String> {
         if !sids.insert(sid.to_string()) {
             problems.push(format!("Sid {sid} twice"));
         }
-        if s["Effect"] != "Allow" {
-            problems.push(format!("{sid}: Effect must be Allow"));
+        if s["Effect"] != "Allow" && s["Effect"] != "Deny" {
+            problems.push(format!("{sid}: Effect must be Allow or Deny"));
         }
         for key in ["NotAction", "NotResource", "NotPrincipal", "Principal"] {
             if s.get(key).is_some() {
@@ -140,7 +140,29 @@ fn iam_problems(policy: &Value) -> Vec<String> {
     if send.is_empty() || send.iter().any(|s| s["Condition"]["StringEquals"]["ses:FromAddress"].is_null()) {
         problems.push("ses:SendEmail must be limited by a ses:FromAddress condition".into());
     }
-    let actions: BTreeSet<String> = statements.iter().flat_map(|s| strings(&s["Action"])).collect();
+    // The backup bucket's history: never destroyable by the box (explicit Deny, whatever else
+    // someone attaches to the role).
+    let denied: BTreeSet<String> = statements
+        .iter()
+        .filter(|s| {
+            s["Effect"] == "Deny" && strings(&s["Resource"]).iter().any(|r| r.starts_with("arn:aws:s3:::BACKUP_BUCKET"))
+        })
+        .flat_map(|s| strings(&s["Action"]))
+        .collect();
+    for action in [
+        "s3:DeleteObjectVersion",
+        "s3:BypassGovernanceRetention",
+        "s3:PutObjectRetention",
+        "s3:PutBucketVersioning",
+        "s3:PutBucketObjectLockConfiguration",
+        "s3:PutLifecycleConfiguration",
+    ] {
+        if !denied.contains(action) {
+            problems.push(format!("{action} on the backup bucket must be denied explicitly"));
+        }
+    }
+    let actions: BTreeSet<String> =
+        statements.iter().filter(|s| s["Effect"] == "Allow").flat_map(|s| strings(&s["Action"])).collect();
     let expected: BTreeSet<String> = [
         "ssm:GetParametersByPath",
         "kms:Decrypt",
@@ -153,6 +175,8 @@ fn iam_problems(policy: &Value) -> Vec<String> {
         "s3:ListBucketMultipartUploads",
         "ses:SendEmail",
         "ses:GetIdentityVerificationAttributes",
+        "s3:GetBucketVersioning",
+        "s3:GetBucketObjectLockConfiguration",
     ]
     .map(String::from)
     .into();
@@ -181,6 +205,9 @@ fn the_iam_policy_grants_only_what_caretaker_does() {
     let mut no_via = policy.clone();
     no_via["Statement"][1].as_object_mut().unwrap().remove("Condition");
     assert!(iam_problems(&no_via).iter().any(|p| p.contains("ViaService")));
+    let mut no_deny = policy.clone();
+    no_deny["Statement"].as_array_mut().unwrap().retain(|s| s["Effect"] != "Deny");
+    assert!(iam_problems(&no_deny).iter().any(|p| p.contains("DeleteObjectVersion")));
 }
 
 #[test]
@@ -544,7 +571,13 @@ fn the_shipped_api_unit_is_sandboxed_and_carries_no_lab_settings() {
         assert_eq!(get(flag), ["yes"], "{flag}");
     }
     assert!(get("SystemCallFilter").contains(&"@system-service"));
-    assert!(get("IPAddressDeny").is_empty() && get("IPAddressAllow").is_empty(), "the API reaches the internet");
+    // The internet, but not the instance metadata service (the instance role is caretaker's).
+    assert_eq!(get("IPAddressDeny"), ["169.254.169.254/32 fd00:ec2::254/128"]);
+    assert!(get("IPAddressAllow").is_empty(), "the API reaches the internet");
+    for data in ["postgresql", "redis"] {
+        let dropin = read(&format!("systemd/{data}.service.d/10-caretaker.conf"));
+        assert!(dropin.contains("IPAddressDeny=169.254.169.254/32 fd00:ec2::254/128"), "{data}: {dropin}");
+    }
     let dropin = read("systemd/zmanim-api.service.d/10-caretaker.conf");
     assert!(dropin.contains("EnvironmentFile=/run/caretaker/env/zmanim-api.env"));
 }

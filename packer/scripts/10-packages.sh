@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packages from the Amazon Linux 2023 repositories: PostgreSQL 16, PostGIS, Redis 7 (Valkey) and
-# the tools caretaker calls (xfsprogs for mkfs/growfs, e2fsprogs, util-linux for blkid/mount).
+# the tools caretaker calls (xfsprogs for mkfs/growfs, e2fsprogs, util-linux for blkid/mount,
+# nftables for the metadata-service guard).
 # Run as root by Packer with POSTGRES_PACKAGES, POSTGIS_REPO_URL, POSTGIS_PACKAGE,
 # POSTGIS_OPTIONAL and REDIS_PACKAGE in the environment.
 set -euo pipefail
@@ -8,7 +9,7 @@ set -euo pipefail
 # AL2023 pins each image to a repository snapshot (deterministic upgrades); take the newest one
 # at build time, so the image starts with current security fixes.
 dnf -y upgrade --releasever=latest
-dnf -y install xfsprogs e2fsprogs util-linux
+dnf -y install xfsprogs e2fsprogs util-linux nftables
 # shellcheck disable=SC2086 # a space-separated list
 dnf -y install $POSTGRES_PACKAGES
 

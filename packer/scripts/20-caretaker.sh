@@ -89,7 +89,7 @@ sed -i -E 's|^dir .*|dir /data/redis|' "$REDIS_CONF"
 grep -q '^dir /data/redis$' "$REDIS_CONF"
 
 systemctl daemon-reload
-systemctl enable caretaker-firstboot.service caretaker.service postgresql.service "$REDIS_UNIT" zmanim-api.service
+systemctl enable caretaker-imds-guard.service caretaker-firstboot.service caretaker.service postgresql.service "$REDIS_UNIT" zmanim-api.service
 for unit in caretaker-firstboot.service caretaker.service zmanim-api.service; do
     systemd-analyze verify "$unit"
 done

@@ -209,6 +209,36 @@ impl S3 {
         }
     }
 
+    /// How the bucket keeps its history: versioning, and Object Lock's default retention.
+    pub async fn history_protection(&self, bucket: &str) -> Result<HistoryProtection, S3Error> {
+        let versioning = match self.client.get_bucket_versioning().bucket(bucket).send().await {
+            Ok(v) => v.status().map(|s| s.as_str().to_string()).unwrap_or_else(|| "never enabled".into()),
+            // A 200 the SDK's parser refused for its root element's name (moto answers
+            // `GetBucketVersioningResponse`, S3 `VersioningConfiguration`): read the status itself.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 200) => {
+                let body = e.raw_response().and_then(|r| r.body().bytes()).unwrap_or_default();
+                let text = String::from_utf8_lossy(body);
+                ["Enabled", "Suspended"]
+                    .into_iter()
+                    .find(|s| text.contains(&format!("<Status>{s}</Status>")))
+                    .unwrap_or("never enabled")
+                    .to_string()
+            }
+            Err(e) => return Err(Self::err("GetBucketVersioning", bucket, "")(e)),
+        };
+        let lock = match self.client.get_object_lock_configuration().bucket(bucket).send().await {
+            Ok(out) => out.object_lock_configuration,
+            // No configuration at all is an answer, not a failure.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => None,
+            Err(e) => return Err(Self::err("GetObjectLockConfiguration", bucket, "")(e)),
+        };
+        let enabled = lock.as_ref().and_then(|l| l.object_lock_enabled()).is_some_and(|e| e.as_str() == "Enabled");
+        let retention = lock.as_ref().and_then(|l| l.rule()).and_then(|r| r.default_retention());
+        let days = retention.and_then(|r| r.days().map(|d| d as u32).or_else(|| r.years().map(|y| y as u32 * 365)));
+        let mode = retention.and_then(|r| r.mode()).map(|m| m.as_str().to_string());
+        Ok(HistoryProtection { versioning, lock_enabled: enabled, mode, days })
+    }
+
     pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
         self.client.delete_object().bucket(bucket).key(key).send().await.map_err(Self::err(
             "DeleteObject",
@@ -275,4 +305,15 @@ pub fn http_date_secs(header: &str) -> Result<i64, String> {
     aws_sdk_s3::primitives::DateTime::from_str(header, aws_sdk_s3::primitives::DateTimeFormat::HttpDate)
         .map(|t| t.secs())
         .map_err(|e| e.to_string())
+}
+
+/// What [`S3::history_protection`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryProtection {
+    /// `Enabled`, `Suspended` or `never enabled`.
+    pub versioning: String,
+    pub lock_enabled: bool,
+    /// The default retention: `GOVERNANCE` or `COMPLIANCE`, and for how many days.
+    pub mode: Option<String>,
+    pub days: Option<u32>,
 }

@@ -53,6 +53,31 @@ pub fn prune_failed(error: &str) -> Alert {
     }
 }
 
+/// Incident key of objects in the backup prefix that caretaker did not write.
+pub const FOREIGN: &str = "backup:foreign";
+
+/// Objects that look like backups but are not sealed by this box (or not where caretaker writes
+/// them): someone else wrote the bucket, or the box lost its key. Sent once while they stay.
+pub fn foreign_objects(ignored: &[super::run::Ignored]) -> Alert {
+    let list: Vec<String> = ignored.iter().take(20).map(|i| format!("  {}: {}", i.key, i.why)).collect();
+    let more = ignored.len().saturating_sub(20);
+    Alert {
+        subject: format!("{} object(s) in the backup bucket are not backups this box wrote", ignored.len()),
+        what_failed: format!(
+            "These manifests are not sealed by this box's backup keys or are not where caretaker writes them:\n{}{}",
+            list.join("\n"),
+            if more > 0 { format!("\n  … and {more} more") } else { String::new() }
+        ),
+        what_done: "They are ignored: never listed, drilled, restored, or counted or deleted by retention.".into(),
+        what_safe: "Sealed backups are unaffected. If these are yours (written before sealing, or with a key this box \
+                    no longer has), they can still be restored by hand with stock tools."
+            .into(),
+        next: "Find out who can write the bucket (CloudTrail data events); if the box lost its key, put the seal \
+               key or identity back in its env file. `caretaker backup prune --dry-run` lists what is ignored."
+            .into(),
+    }
+}
+
 fn first_line(s: &str) -> &str {
     let line = s.lines().next().unwrap_or_default();
     match line.char_indices().nth(120) {

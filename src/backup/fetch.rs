@@ -111,7 +111,9 @@ pub fn decrypt_error(e: age::DecryptError) -> FetchError {
 /// plain; age's come from its catalogue).
 fn io_error(e: &io::Error) -> String {
     match e.get_ref() {
-        Some(inner) if inner.to_string().starts_with("download failed") => inner.to_string(),
+        Some(inner) if inner.to_string().starts_with("download failed") || inner.is::<HeaderMismatch>() => {
+            inner.to_string()
+        }
         _ => format!("{:?}", e.kind()),
     }
 }
@@ -122,19 +124,71 @@ struct ChannelReader {
     buf: Bytes,
     hash: Sha256,
     total: u64,
+    /// The SHA-256 the age header and nonce must have; `None` once checked.
+    expect_header: Option<String>,
 }
+
+/// An age header longer than this is not one caretaker wrote.
+const HEADER_MAX: usize = 1 << 20;
+
+impl ChannelReader {
+    fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        match self.rx.blocking_recv() {
+            None => Ok(None),
+            Some(Ok(b)) => {
+                self.hash.update(&b);
+                self.total += b.len() as u64;
+                Ok(Some(b))
+            }
+            Some(Err(e)) => Err(io::Error::other(format!("download failed: {e}"))),
+        }
+    }
+
+    /// Reads the age header and nonce whole and compares their hash with the manifest's before
+    /// age sees a byte: what follows is then bound to the file key that header wraps.
+    fn check_header(&mut self, expected: &str) -> io::Result<()> {
+        let mut head = BytesMut::new();
+        let len = loop {
+            if let Some(len) = super::stream::age_prefix_len(&head) {
+                break len;
+            }
+            if head.len() > HEADER_MAX {
+                return Err(io::Error::other(HeaderMismatch("no age header in its first MiB")));
+            }
+            match self.next_chunk()? {
+                Some(b) => head.extend_from_slice(&b),
+                None => return Err(io::Error::other(HeaderMismatch("it ends before its age header does"))),
+            }
+        };
+        if hex::encode(Sha256::digest(&head[..len])) != expected {
+            return Err(io::Error::other(HeaderMismatch("its age header is not the one its manifest records")));
+        }
+        self.buf = head.freeze();
+        Ok(())
+    }
+}
+
+/// The stored object is not the one the manifest was sealed over.
+#[derive(Debug)]
+struct HeaderMismatch(&'static str);
+
+impl std::fmt::Display for HeaderMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the stored object was replaced: {}", self.0)
+    }
+}
+
+impl std::error::Error for HeaderMismatch {}
 
 impl Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if let Some(expected) = self.expect_header.take() {
+            self.check_header(&expected)?;
+        }
         while self.buf.is_empty() {
-            match self.rx.blocking_recv() {
+            match self.next_chunk()? {
                 None => return Ok(0),
-                Some(Ok(b)) => {
-                    self.hash.update(&b);
-                    self.total += b.len() as u64;
-                    self.buf = b;
-                }
-                Some(Err(e)) => return Err(io::Error::other(format!("download failed: {e}"))),
+                Some(b) => self.buf = b,
             }
         }
         let n = out.len().min(self.buf.len());
@@ -146,10 +200,14 @@ impl Read for ChannelReader {
 
 /// Streams `s3://bucket/key` through decryption and decompression into `sink`; `progress` gets
 /// (stored bytes, plaintext bytes) as it goes. The sink is flushed and shut down at the end.
+/// Nothing reaches the sink unless the object's age header hashes to `header_sha256` (from the
+/// sealed manifest).
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch_into<W>(
     s3: &S3,
     bucket: &str,
     key: &str,
+    header_sha256: &str,
     decryption: Decryption,
     mut sink: W,
     progress: impl Fn(u64, u64) + Send,
@@ -162,6 +220,7 @@ where
         .await?
         .ok_or_else(|| FetchError::NotFound { bucket: bucket.into(), key: key.into() })?;
     let (in_tx, in_rx) = mpsc::channel::<Result<Bytes, String>>(8);
+    let expected_header = header_sha256.to_string();
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(4);
 
     let download = tokio::spawn(async move {
@@ -182,7 +241,13 @@ where
     });
 
     let decoder = tokio::task::spawn_blocking(move || -> Result<Fetched, FetchError> {
-        let mut reader = ChannelReader { rx: in_rx, buf: Bytes::new(), hash: Sha256::new(), total: 0 };
+        let mut reader = ChannelReader {
+            rx: in_rx,
+            buf: Bytes::new(),
+            hash: Sha256::new(),
+            total: 0,
+            expect_header: Some(expected_header),
+        };
         let plain_out = {
             let decryptor = age::Decryptor::new(&mut reader).map_err(decrypt_error)?;
             let decrypted = match decryption {
@@ -191,7 +256,7 @@ where
                 }
                 Decryption::Passphrase(p) => {
                     let mut id = age::scrypt::Identity::new(p);
-                    id.set_max_work_factor(20);
+                    id.set_max_work_factor(super::stream::SCRYPT_LOG_N);
                     decryptor.decrypt(std::iter::once(&id as &dyn age::Identity)).map_err(decrypt_error)?
                 }
             };

@@ -80,13 +80,15 @@ pub(super) fn is_stamp(s: &str) -> bool {
 
 /// Records `name`, then creates it (empty, from template0). Refused when the record cannot be
 /// written: nothing is created that a killed job could leave behind unrecorded.
-pub async fn create_database(target: &PgTarget, name: &str) -> Result<(), PgError> {
+/// With `owner`, the new database belongs to that role.
+pub async fn create_database(target: &PgTarget, name: &str, owner: Option<&str>) -> Result<(), PgError> {
     change(|r| {
         r.databases.insert(name.to_string());
         r.creators.insert(name.to_string(), this_process());
     })?;
     let admin = target.connect("postgres", std::time::Duration::from_secs(30)).await?;
-    admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(name))).await?;
+    let owner = owner.map(|o| format!(" OWNER {}", quote_ident(o))).unwrap_or_default();
+    admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0{owner}", quote_ident(name))).await?;
     Ok(())
 }
 

@@ -300,7 +300,7 @@ pub async fn migrate(
     )
     .await
     .map_err(MigrateError::Local)?;
-    super::leftovers::create_database(&target, &new).await.map_err(|e| MigrateError::Local(e.to_string()))?;
+    super::leftovers::create_database(&target, &new, None).await.map_err(|e| MigrateError::Local(e.to_string()))?;
     progress(format!("restore: pg_dump of {} streaming into the new database {new}", src.describe()));
     let copied = tokio::select! {
         r = copy(&src, &snapshot, cfg, &new) => r,

@@ -20,9 +20,13 @@ pub mod retention;
 pub mod room;
 /// One backup end to end, the manifest, listing.
 pub mod run;
+/// Seals (MACs) on what caretaker writes beside a backup.
+pub mod seal;
 /// plaintext → zstd → age → S3 multipart, bounded memory, no disk.
 pub mod stream;
 /// Swapping a verified database in for the live one.
 pub mod swap;
+/// pg_restore as a role without superuser.
+pub mod unprivileged;
 /// Restore drills; loading a backup into a new database, checked.
 pub mod verify;

@@ -101,6 +101,18 @@ pub async fn restore_postgres(
         "verify: {new} matches the backup: both hashes, {} tables with their row counts",
         loaded.tables.len()
     ));
+    // The restore role loaded and owns everything: give it to whoever owns the live database
+    // (else the backed-up database's owner, else the server's superuser).
+    let owner = match database_owner(cfg, &live).await? {
+        Some(o) => o,
+        None => m.details["owner"].as_str().map(str::to_string).unwrap_or_else(|| cfg.services.postgres.user.clone()),
+    };
+    progress(format!("restore: {new} and its objects now belong to {owner}"));
+    let handed = super::unprivileged::hand_over(&PgTarget::new(&cfg.services.postgres), &new, &owner).await;
+    if let Err(e) = handed {
+        let _ = verify::drop_database(cfg, &new).await;
+        return Err(e.into());
+    }
 
     let kept = swap_in(cfg, systemd, &live, &new, &ts, progress).await?;
     info!("restored backup {} as {live}; the previous database: {kept:?}", m.id);
@@ -112,6 +124,15 @@ pub async fn restore_postgres(
         tables: loaded.tables.len(),
         rows: loaded.tables.values().map(|(e, _)| e).sum(),
     })
+}
+
+/// The owner of `database`, when it exists.
+async fn database_owner(cfg: &Config, database: &str) -> Result<Option<String>, RestoreError> {
+    let admin = PgTarget::new(&cfg.services.postgres).connect("postgres", Duration::from_secs(30)).await?;
+    let row = admin
+        .query_opt("SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1", &[&database])
+        .await?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// After a restore: says so when the data's filesystem is nearly full, and what dropping the kept
@@ -353,8 +374,9 @@ pub async fn restore_redis(
         let f = tokio::fs::File::from_std(f);
         let decryption = fetch::decryption(cfg).map_err(VerifyError::from)?;
         let mut w = tokio::io::BufWriter::new(f);
-        let fetched =
-            fetch::fetch_into(s3, &bucket, &key, decryption, &mut w, |_, _| {}).await.map_err(VerifyError::from)?;
+        let fetched = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, &mut w, |_, _| {})
+            .await
+            .map_err(VerifyError::from)?;
         let mut f = w.into_inner();
         f.sync_all().await.map_err(|e| RestoreError::Fs(format!("fsync {}: {e}", download.display())))?;
         let problems = fetch::check(&m, &fetched);

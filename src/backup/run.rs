@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::postgres::{Snapshot, count_workers, pg_dump_args};
+use super::seal::SealKeys;
 use super::stream::{Encryption, StreamConfig, upload};
 use crate::aws::s3::S3;
 use crate::config::Config;
@@ -49,7 +50,7 @@ impl Kind {
     }
 }
 
-/// `manifest.json`, written last. Never holds a secret.
+/// `manifest.json`, written last and sealed (`super::seal`). Never holds a secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub schema: u32,
@@ -67,6 +68,10 @@ pub struct Manifest {
     pub plain_sha256: String,
     pub stored_bytes: u64,
     pub stored_sha256: String,
+    /// SHA-256 of the stored object's age header and nonce: checked before any plaintext is
+    /// released (see `stream::age_prefix_len`).
+    #[serde(default)]
+    pub header_sha256: String,
     pub parts: usize,
     pub compression: serde_json::Value,
     pub encryption: serde_json::Value,
@@ -157,6 +162,8 @@ pub async fn backup(
 ) -> Result<Manifest, BackupError> {
     let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
     let stream_cfg = stream_config(cfg)?;
+    // No key to seal the manifest with: refused before anything is uploaded.
+    let keys = SealKeys::for_config(cfg)?;
     let started = SystemTime::now();
     let clock = Instant::now();
     let id = new_id(started);
@@ -182,7 +189,7 @@ pub async fn backup(
             let snapshot =
                 Snapshot::export(&target, db).await.map_err(|e| BackupError::Setup(format!("postgres: {e}")))?;
             // How much room a restore of this backup will need (see backup::room).
-            let database_bytes = database_size(&target, db).await;
+            let (database_bytes, owner) = database_size_and_owner(&target, db).await.unzip();
             let mut child = target
                 .tool("pg_dump")
                 .map_err(|e| BackupError::Setup(e.to_string()))?
@@ -213,7 +220,9 @@ pub async fn backup(
                     return Err(BackupError::Setup(format!("postgres: counting rows in the snapshot: {e}")));
                 }
             };
-            let details = serde_json::json!({ "database": db, "row_counts": counts, "database_bytes": database_bytes });
+            let details = serde_json::json!({
+                "database": db, "row_counts": counts, "database_bytes": database_bytes, "owner": owner
+            });
             ("pg_dump".to_string(), tool_version("pg_dump").await, status, pending, details)
         }
         Kind::Redis => {
@@ -248,15 +257,14 @@ pub async fn backup(
         plain_sha256: pending.plain_sha256.clone(),
         stored_bytes: pending.stored_bytes,
         stored_sha256: pending.stored_sha256.clone(),
+        header_sha256: pending.header_sha256.clone(),
         parts: pending.parts(),
         compression: serde_json::json!({ "algorithm": "zstd", "level": stream_cfg.zstd_level }),
         encryption: stream_cfg.encryption.describe(),
         details,
     };
     pending.complete().await?;
-    let mut json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    json.push(b'\n');
-    s3.put_object(&bucket, &format!("{folder}{MANIFEST}"), json).await?;
+    s3.put_object(&bucket, &format!("{folder}{MANIFEST}"), keys.seal(&manifest)).await?;
     progress(format!(
         "{}: backup {id} complete: {} → {} stored in {:.1} s, {}",
         kind.as_str(),
@@ -268,11 +276,18 @@ pub async fn backup(
     Ok(manifest)
 }
 
-/// `pg_database_size` of `db` (None when PostgreSQL does not say).
-async fn database_size(target: &crate::pg::PgTarget, db: &str) -> Option<u64> {
+/// `pg_database_size` of `db` and its owner (None when PostgreSQL does not say).
+async fn database_size_and_owner(target: &crate::pg::PgTarget, db: &str) -> Option<(u64, String)> {
     let client = target.connect(db, std::time::Duration::from_secs(10)).await.ok()?;
-    let row = client.query_one("SELECT pg_database_size(current_database())", &[]).await.ok()?;
-    u64::try_from(row.get::<_, i64>(0)).ok()
+    let row = client
+        .query_one(
+            "SELECT pg_database_size(current_database()), pg_get_userbyid(datdba)::text FROM pg_database
+             WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .ok()?;
+    Some((u64::try_from(row.get::<_, i64>(0)).ok()?, row.get(1)))
 }
 
 /// The S3 client for backups: region from the configuration, else from firstboot's instance.env.
@@ -290,11 +305,32 @@ pub fn instance_id() -> String {
 }
 
 /// Every backup (manifest) of `kind` under the prefix, oldest first. Data without a manifest is
-/// not a backup and is not listed.
+/// not a backup and is not listed; nor is a manifest that is not sealed by this box's keys, not
+/// where caretaker writes it, or not about the backup its key names (see [`listing`]).
 pub async fn list(cfg: &Config, s3: &S3, kind: Kind) -> Result<Vec<Manifest>, BackupError> {
+    Ok(listing(cfg, s3, kind).await?.backups)
+}
+
+/// An object under the backup prefix that looks like a manifest but is not one caretaker wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ignored {
+    pub key: String,
+    pub why: String,
+}
+
+/// The backups of a kind, and what was ignored.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub backups: Vec<Manifest>,
+    pub ignored: Vec<Ignored>,
+}
+
+/// [`list`], with every ignored object and why (each also logged as a warning).
+pub async fn listing(cfg: &Config, s3: &S3, kind: Kind) -> Result<Listing, BackupError> {
     let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
+    let keys = SealKeys::for_config(cfg)?;
     let prefix = format!("{}/{}/", cfg.backup.prefix, kind.as_str());
-    let mut out = Vec::new();
+    let mut out = Listing::default();
     for key in s3.list_keys(&bucket, &prefix).await? {
         if !key.ends_with(&format!("/{MANIFEST}")) {
             continue;
@@ -302,17 +338,20 @@ pub async fn list(cfg: &Config, s3: &S3, kind: Kind) -> Result<Vec<Manifest>, Ba
         let checked = match expected_id(&cfg.backup.prefix, kind, &key) {
             Err(why) => Err(why),
             Ok(id) => match s3.get_small(&bucket, &key, MANIFEST_MAX).await {
-                Ok(Some(bytes)) => accept(kind, &id, &bytes),
+                Ok(Some(bytes)) => accept(&keys, kind, &id, &bytes),
                 Ok(None) => continue,
                 Err(e) => Err(e.to_string()),
             },
         };
         match checked {
-            Ok(m) => out.push(m),
-            Err(why) => tracing::warn!("ignoring s3://{bucket}/{key}: {why} (not a backup caretaker wrote there)"),
+            Ok(m) => out.backups.push(m),
+            Err(why) => {
+                tracing::warn!("ignoring s3://{bucket}/{key}: {why} (not a backup caretaker wrote there)");
+                out.ignored.push(Ignored { key, why });
+            }
         }
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.backups.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }
 
@@ -332,13 +371,26 @@ pub fn expected_id(prefix: &str, kind: Kind, key: &str) -> Result<String, String
     Ok(id.to_string())
 }
 
-/// The manifest in `bytes`, when it parses and says it is backup `id` of `kind`.
-pub fn accept(kind: Kind, id: &str, bytes: &[u8]) -> Result<Manifest, String> {
-    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+/// The manifest in `bytes`, when one of `keys` sealed it and it says it is backup `id` of `kind`.
+pub fn accept(keys: &SealKeys, kind: Kind, id: &str, bytes: &[u8]) -> Result<Manifest, String> {
+    let doc = keys.open(bytes)?;
+    let m: Manifest = serde_json::from_value(doc).map_err(|e| format!("not a manifest: {e}"))?;
     if m.id != id || m.kind != kind {
         return Err(format!("it says it is {} backup {}", m.kind.as_str(), m.id.escape_debug()));
     }
+    if m.header_sha256.len() != 64 {
+        return Err("it records no age header hash".into());
+    }
     Ok(m)
+}
+
+/// Whether `bytes` is a drill report sealed by `keys` saying that exactly backup `m` verified.
+pub fn verified_by(keys: &SealKeys, m: &Manifest, bytes: &[u8]) -> bool {
+    let Ok(doc) = keys.open(bytes) else { return false };
+    doc["ok"] == true
+        && doc["id"] == m.id.as_str()
+        && doc["kind"] == m.kind.as_str()
+        && doc["fetched"]["stored_sha256"] == m.stored_sha256.as_str()
 }
 
 /// `verify.json`, stored beside a backup by a restore drill.
@@ -350,21 +402,27 @@ pub struct PruneReport {
     pub kind: Kind,
     pub decisions: Vec<super::retention::Decision>,
     pub dry_run: bool,
+    /// Objects under the prefix that are not backups caretaker wrote: never deleted, never counted.
+    pub ignored: Vec<Ignored>,
 }
 
 /// Applies retention to every kind: deletes what the plan does not keep — the manifest first (so
-/// the backup stops existing), then the rest of its folder.
+/// the backup stops existing), then the rest of its folder. Only sealed backups are planned: an
+/// object someone else put in the prefix is never deleted, and a drill report counts only when
+/// sealed and about exactly that backup.
 pub async fn prune(cfg: &Config, s3: &S3, dry_run: bool) -> Result<Vec<PruneReport>, BackupError> {
     let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
+    let keys = SealKeys::for_config(cfg)?;
     let mut reports = Vec::new();
     for kind in [Kind::Postgres, Kind::Redis] {
-        let manifests = list(cfg, s3, kind).await?;
+        let Listing { backups: manifests, ignored } = listing(cfg, s3, kind).await?;
         let mut refs = Vec::new();
         for m in &manifests {
             let folder = folder(&cfg.backup.prefix, kind, &m.id);
-            let verified = match s3.get_object(&bucket, &format!("{folder}{VERIFY}")).await? {
-                Some(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v["ok"] == true),
-                None => false,
+            let verified = match s3.get_small(&bucket, &format!("{folder}{VERIFY}"), MANIFEST_MAX).await {
+                Ok(Some(bytes)) => verified_by(&keys, m, &bytes),
+                // Missing, oversized or unreadable: not verified (it only keeps fewer backups safe).
+                _ => false,
             };
             let started = humantime::parse_rfc3339(&m.started_at).unwrap_or(SystemTime::UNIX_EPOCH);
             refs.push(super::retention::BackupRef { id: m.id.clone(), started, verified });
@@ -379,7 +437,7 @@ pub async fn prune(cfg: &Config, s3: &S3, dry_run: bool) -> Result<Vec<PruneRepo
                 }
             }
         }
-        reports.push(PruneReport { kind, decisions, dry_run });
+        reports.push(PruneReport { kind, decisions, dry_run, ignored });
     }
     Ok(reports)
 }

@@ -49,7 +49,7 @@ impl Encryption {
                 let mut recipient = age::scrypt::Recipient::new(p.clone());
                 // 2^15: 32 MiB of scrypt memory for a moment, not age's interactive default (which
                 // can take hundreds of MiB). The passphrase is machine-generated and long.
-                recipient.set_work_factor(15);
+                recipient.set_work_factor(SCRYPT_LOG_N);
                 age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
                     .map_err(|e| e.to_string())
             }
@@ -62,10 +62,14 @@ impl Encryption {
             Encryption::Recipients(r) => {
                 serde_json::json!({ "kind": "x25519", "recipients": r.iter().map(|r| r.to_string()).collect::<Vec<_>>() })
             }
-            Encryption::Passphrase(_) => serde_json::json!({ "kind": "passphrase", "scrypt-log-n": 15 }),
+            Encryption::Passphrase(_) => serde_json::json!({ "kind": "passphrase", "scrypt-log-n": SCRYPT_LOG_N }),
         }
     }
 }
+
+/// The scrypt work factor (log2 N) of passphrase backups; decryption accepts no more, so a
+/// planted object cannot make a drill spend minutes and gigabytes in scrypt.
+pub const SCRYPT_LOG_N: u8 = 15;
 
 #[derive(Clone)]
 pub struct StreamConfig {
@@ -110,6 +114,8 @@ pub struct PendingUpload {
     pub plain_sha256: String,
     pub stored_bytes: u64,
     pub stored_sha256: String,
+    /// SHA-256 of the age header and payload nonce (see [`age_prefix_len`]).
+    pub header_sha256: String,
 }
 
 impl PendingUpload {
@@ -140,10 +146,27 @@ struct PartWriter {
     index: usize,
     hash: Sha256,
     total: u64,
+    header_sha256: Option<String>,
+}
+
+/// The length of an age file's header plus its 16-byte payload nonce at the start of `stored`,
+/// once all of it is there. What follows is authenticated by the file key the header wraps, so a
+/// sealed manifest that records this prefix's hash authenticates every plaintext byte as it is
+/// decrypted (not only at the end, when the whole-object hash is compared).
+pub fn age_prefix_len(stored: &[u8]) -> Option<usize> {
+    // The header ends with its MAC line: `--- BASE64\n` (stanza lines start with `-> `).
+    let mac_line = stored.windows(5).position(|w| w == b"\n--- ")? + 1;
+    let end = mac_line + stored[mac_line..].iter().position(|&b| b == b'\n')? + 1;
+    (stored.len() >= end + 16).then_some(end + 16)
 }
 
 impl PartWriter {
     fn send(&mut self) -> io::Result<()> {
+        if self.index == 0 {
+            let len =
+                age_prefix_len(&self.buf).ok_or_else(|| io::Error::other("the age header does not fit a part"))?;
+            self.header_sha256 = Some(hex::encode(Sha256::digest(&self.buf[..len])));
+        }
         let next = self.cfg.part_size_for(self.index + 1);
         let part = std::mem::replace(&mut self.buf, Vec::with_capacity(next));
         self.index += 1;
@@ -205,9 +228,16 @@ where
 
     // Encoder thread: plaintext chunks in, parts out.
     let enc_cfg = cfg.clone();
-    let encoder = tokio::task::spawn_blocking(move || -> Result<(u64, String), String> {
-        let parts =
-            PartWriter { tx: part_tx, cfg: enc_cfg.clone(), buf: Vec::new(), index: 0, hash: Sha256::new(), total: 0 };
+    let encoder = tokio::task::spawn_blocking(move || -> Result<(u64, String, String), String> {
+        let parts = PartWriter {
+            tx: part_tx,
+            cfg: enc_cfg.clone(),
+            buf: Vec::new(),
+            index: 0,
+            hash: Sha256::new(),
+            total: 0,
+            header_sha256: None,
+        };
         let age_out = enc_cfg.encryption.encryptor()?.wrap_output(parts).map_err(|e| e.to_string())?;
         let mut z = zstd::stream::write::Encoder::new(age_out, enc_cfg.zstd_level).map_err(|e| e.to_string())?;
         while let Some(chunk) = chunk_rx.blocking_recv() {
@@ -218,8 +248,9 @@ where
         if !parts.buf.is_empty() || parts.index == 0 {
             parts.send().map_err(|e| e.to_string())?;
         }
+        let header = parts.header_sha256.take().unwrap_or_default();
         let stored_sha = hex::encode(parts.hash.finalize());
-        Ok((parts.total, stored_sha))
+        Ok((parts.total, stored_sha, header))
     });
 
     // Reader: the producer's output in full chunks (read into uninitialised capacity: no zeroing),
@@ -321,7 +352,7 @@ where
         (None, Err(e), _, _) | (None, _, Err(e), _) | (None, _, _, Err(e)) => Err(e),
         (None, Ok(Err(e)), _, _) => Err(StreamError::Read(e)),
         (None, _, Ok(Err(e)), _) => Err(StreamError::Encode(e)),
-        (None, Ok(Ok(read)), Ok(Ok((stored_bytes, stored_sha256))), Ok((plain_bytes, plain_sha256))) => {
+        (None, Ok(Ok(read)), Ok(Ok((stored_bytes, stored_sha256, header_sha256))), Ok((plain_bytes, plain_sha256))) => {
             debug_assert_eq!(read, plain_bytes);
             let etags: Option<Vec<String>> = etags.into_iter().collect();
             match etags {
@@ -335,6 +366,7 @@ where
                     plain_sha256,
                     stored_bytes,
                     stored_sha256,
+                    header_sha256,
                 }),
                 _ => Err(StreamError::Encode("a part is missing or there are too many".into())),
             }

@@ -23,8 +23,8 @@ use crate::pg::PgTarget;
 pub enum VerifyError {
     #[error("{0}")]
     Backup(#[from] run::BackupError),
-    #[error("no {kind} backup {id} in s3://{bucket}/{prefix}/ (see `caretaker backup list`)")]
-    NoSuchBackup { kind: &'static str, id: String, bucket: String, prefix: String },
+    #[error("no {kind} backup {id} in s3://{bucket}/{prefix}/ (see `caretaker backup list`){ignored}")]
+    NoSuchBackup { kind: &'static str, id: String, bucket: String, prefix: String, ignored: String },
     #[error("{0}")]
     Fetch(#[from] fetch::FetchError),
     /// pg_restore exited non-zero (its stderr is in the journal, see `pg::tool_failure`).
@@ -48,13 +48,21 @@ pub enum VerifyError {
 
 /// The backup `id` of `kind` (`latest`: the newest).
 pub async fn find(cfg: &Config, s3: &S3, kind: Kind, id: &str) -> Result<Manifest, VerifyError> {
-    let all = run::list(cfg, s3, kind).await?;
+    let listing = run::listing(cfg, s3, kind).await?;
+    let all = listing.backups;
     let found = if id == "latest" { all.last().cloned() } else { all.into_iter().find(|m| m.id == id) };
     found.ok_or_else(|| VerifyError::NoSuchBackup {
         kind: kind.as_str(),
         id: id.into(),
         bucket: cfg.backup.bucket.clone().unwrap_or_default(),
         prefix: cfg.backup.prefix.clone(),
+        ignored: match listing.ignored.len() {
+            0 => String::new(),
+            n => format!(
+                "; {n} manifest(s) there were ignored, not sealed by this box's keys (is the seal key or identity \
+                 the one they were written with?)"
+            ),
+        },
     })
 }
 
@@ -95,9 +103,10 @@ pub async fn load_postgres(
         plan.dir.display(),
         crate::units::human_bytes(plan.floor)
     ));
-    super::leftovers::create_database(&target, database).await?;
+    let restorer = super::unprivileged::prepare(&target).await?;
+    super::leftovers::create_database(&target, database, Some(super::unprivileged::ROLE)).await?;
     let result = tokio::select! {
-        r = load_into(cfg, s3, m, database, progress) => r,
+        r = load_into(cfg, s3, m, database, &restorer, progress) => r,
         // Dropping the load kills pg_restore (kill_on_drop) before the volume fills.
         why = super::room::until_short(&plan) => Err(VerifyError::NoRoom(why)),
     };
@@ -114,17 +123,32 @@ async fn load_into(
     s3: &S3,
     m: &Manifest,
     database: &str,
+    restorer: &PgTarget,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<Loaded, VerifyError> {
     let started = Instant::now();
     let bucket = cfg.backup.bucket.clone().ok_or(run::BackupError::NoBucket)?;
     let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Postgres, &m.id));
-    let decryption = fetch::decryption(cfg)?;
     let target = PgTarget::new(&cfg.services.postgres);
-    let mut child = target
+
+    // Pass 1: the archive's table of contents (at its start), for the extensions to create first.
+    let toc = table_of_contents(s3, &bucket, &key, m, fetch::decryption(cfg)?, restorer).await?;
+    let wanted = super::unprivileged::extensions(&toc);
+    let created = super::unprivileged::create_extensions(&target, database, &wanted).await?;
+    if !created.is_empty() {
+        progress(format!("postgres: created the extensions {} in {database}", created.join(", ")));
+    }
+    let list =
+        super::unprivileged::ListFile::write(&std::env::temp_dir(), &super::unprivileged::restore_list(&toc, &created))
+            .map_err(|e| VerifyError::PgRestore(format!("cannot write the restore list: {e}")))?;
+
+    // Pass 2: the whole archive, as the unprivileged role, objects owned by it.
+    let decryption = fetch::decryption(cfg)?;
+    let mut child = restorer
         .tool("pg_restore")?
-        .args(target.tool_args(database))
-        .arg("--exit-on-error")
+        .args(restorer.tool_args(database))
+        .args(["--exit-on-error", "--no-owner"])
+        .arg(format!("--use-list={}", list.path().display()))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -139,7 +163,7 @@ async fn load_into(
     ));
     let total = m.plain_bytes;
     let last = std::sync::Mutex::new((Instant::now(), 0u64));
-    let fetched = fetch::fetch_into(s3, &bucket, &key, decryption, stdin, |_, plain| {
+    let fetched = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, stdin, |_, plain| {
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         if (last.0.elapsed() < Duration::from_secs(2) && plain < total) || plain == last.1 {
             return;
@@ -190,6 +214,41 @@ async fn load_into(
         return Err(VerifyError::Mismatch(problems));
     }
     Ok(Loaded { database: database.into(), fetched, tables, load_ms: started.elapsed().as_millis() as u64 })
+}
+
+/// `pg_restore --list` of the archive, as the restore role: pg_restore reads the table of
+/// contents at the archive's start and exits, which ends the download early.
+async fn table_of_contents(
+    s3: &S3,
+    bucket: &str,
+    key: &str,
+    m: &Manifest,
+    decryption: fetch::Decryption,
+    restorer: &PgTarget,
+) -> Result<String, VerifyError> {
+    let mut child = restorer
+        .tool("pg_restore")?
+        .arg("--list")
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(|e| VerifyError::PgRestore(format!("cannot run pg_restore: {e}")))?;
+    let stdin = child.stdin.take().expect("piped");
+    let out_task = crate::pg::collect_stdout(child.stdout.take(), 16 << 20);
+    let err_task = crate::pg::collect_stderr(child.stderr.take());
+    match fetch::fetch_into(s3, bucket, key, &m.header_sha256, decryption, stdin, |_, _| {}).await {
+        // pg_restore stopped reading once it had the table of contents.
+        Ok(_) | Err(fetch::FetchError::Sink(_)) => {}
+        Err(e) => {
+            let _ = child.kill().await;
+            return Err(e.into());
+        }
+    }
+    let status = child.wait().await.map_err(|e| VerifyError::PgRestore(format!("waiting for pg_restore: {e}")))?;
+    let (toc, stderr) = (out_task.await.unwrap_or_default(), err_task.await.unwrap_or_default());
+    if !status.success() {
+        return Err(VerifyError::Restore(crate::pg::tool_failure("pg_restore --list", &status.to_string(), &stderr)));
+    }
+    Ok(toc)
 }
 
 /// `verify.json`.
@@ -292,7 +351,8 @@ pub async fn verify(
                 let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Redis, &m.id));
                 progress(format!("redis: downloading and decrypting backup {}", m.id));
                 let mut sink = HeadSink { head: Vec::new() };
-                let fetched = fetch::fetch_into(s3, &bucket, &key, fetch::decryption(cfg)?, &mut sink, |_, _| {}).await?;
+                let fetched = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, fetch::decryption(cfg)?, &mut sink, |_, _| {})
+                        .await?;
                 let mut problems = fetch::check(m, &fetched);
                 if !sink.head.starts_with(b"REDIS") {
                     problems.push("the restored data is not an RDB file (no REDIS magic)".into());
@@ -314,8 +374,14 @@ pub async fn verify(
         Err(VerifyError::Mismatch(p)) => report.problems = p.clone(),
         Err(e) => report.problems = vec![e.to_string()],
     }
-    let mut json = serde_json::to_vec_pretty(&report).expect("report serializes");
-    json.push(b'\n');
+    // Sealed like the manifest: retention trusts only a report this box's keys made.
+    let json = match super::seal::SealKeys::for_config(cfg) {
+        Ok(keys) => keys.seal(&report),
+        Err(e) => {
+            tracing::error!("cannot seal the drill report: {e}");
+            return outcome.map(|()| report);
+        }
+    };
     let key = format!("{}{VERIFY}", run::folder(&cfg.backup.prefix, m.kind, &m.id));
     if let Err(e) = s3.put_object(&bucket, &key, json).await {
         tracing::error!("cannot store {key}: {e}");

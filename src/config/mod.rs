@@ -232,6 +232,11 @@ pub struct BackupConfig {
     /// With recipients: the variable of that env file holding the matching age identity
     /// (`AGE-SECRET-KEY-1…`), needed to verify and restore. Without it backups are still taken.
     pub identity_var: String,
+    /// The variable of that env file holding the key that seals manifests and drill reports
+    /// (at least 32 characters, e.g. `openssl rand -hex 32`). Optional: without it the key is
+    /// derived from the age identity or the passphrase. A box that holds only the public recipient
+    /// needs it to take backups.
+    pub seal_key_var: String,
     /// Retention: the newest backup of each of the last N days, and of each of the last M weeks.
     /// The newest backup and the newest verified backup are always kept.
     pub keep_daily: usize,
@@ -266,6 +271,7 @@ impl Default for BackupConfig {
             passphrase_file: "caretaker".into(),
             passphrase_var: "BACKUP_PASSPHRASE".into(),
             identity_var: "BACKUP_AGE_IDENTITY".into(),
+            seal_key_var: "BACKUP_SEAL_KEY".into(),
             keep_daily: 7,
             keep_weekly: 4,
             schedule: "03:00".into(),

@@ -56,6 +56,17 @@ pub fn prune_job(cfg: Config, dry_run: bool, alerts: Option<Alerts>) -> Body {
                     return Err(e.to_string());
                 }
             };
+            let ignored: Vec<crate::backup::run::Ignored> = reports.iter().flat_map(|r| r.ignored.clone()).collect();
+            for i in &ignored {
+                ctx.phase(&format!("ignored {}: {}", i.key, i.why)).await;
+            }
+            if let Some(a) = &alerts {
+                if ignored.is_empty() {
+                    a.resolve(crate::backup::alerts::FOREIGN, "No foreign objects remain in the backup prefix.");
+                } else {
+                    a.open(crate::backup::alerts::FOREIGN, crate::backup::alerts::foreign_objects(&ignored));
+                }
+            }
             let mut gone = 0;
             let mut kept = 0;
             for r in &reports {

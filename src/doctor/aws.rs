@@ -130,8 +130,10 @@ pub(super) async fn check_buckets(cfg: &Config, s3: &S3, opts: &Options, date: &
             };
             if reachable {
                 checks.push(last_backups(s3, bucket, &cfg.backup.prefix, opts.max_backup_age, deadline).await);
+                checks.push(backup_history(s3, bucket, cfg.backup.keep_daily, deadline).await);
             } else {
                 checks.push(Check::skip("last-backup", "the bucket cannot be listed"));
+                checks.push(Check::skip("backup-history", "the bucket cannot be listed"));
             }
         }
     }
@@ -182,6 +184,57 @@ async fn check_releases(
         .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "unknown".into());
     Check::ok("releases", format!("s3://{bucket}/{prefix} can be listed; {latest}; this box runs {running}"))
+}
+
+/// Whether a compromised box could destroy the backups' history: the bucket must keep versions
+/// and lock each for a default retention (Object Lock), so that what the instance role can do —
+/// delete (a delete marker), overwrite (a new version) — hides a backup at most, and the locked
+/// versions stay restorable for that long. `packaging/aws/protect-backup-bucket` sets it up.
+async fn backup_history(s3: &S3, bucket: &str, keep_daily: usize, deadline: Duration) -> Check {
+    const FIX: &str = "run packaging/aws/protect-backup-bucket BUCKET DAYS with the bucket owner's credentials (not the \
+                       instance role's); see README, \"Security model\"";
+    let p = match tokio::time::timeout(deadline, s3.history_protection(bucket)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            return Check::fail(
+                "backup-history",
+                format!("cannot read the bucket's versioning and Object Lock settings: {}", e.message),
+                "grant the instance role s3:GetBucketVersioning and s3:GetBucketObjectLockConfiguration on the bucket \
+                 (packaging/iam/caretaker-policy.json)",
+            );
+        }
+        Err(_) => return Check::fail("backup-history", format!("S3 did not answer within {deadline:?}"), "run again"),
+    };
+    let mut wrong = Vec::new();
+    if p.versioning != "Enabled" {
+        wrong.push(format!("versioning is {}", p.versioning));
+    }
+    match (p.lock_enabled, &p.mode, p.days) {
+        (false, _, _) => wrong.push("Object Lock is off".into()),
+        (true, Some(_), Some(days)) if days as usize >= keep_daily => {}
+        (true, Some(_), Some(days)) => wrong.push(format!(
+            "Object Lock keeps versions {days} days, fewer than backup.keep-daily ({keep_daily}): a compromised box could \
+             wait out the lock"
+        )),
+        (true, _, _) => wrong.push("Object Lock has no default retention".into()),
+    }
+    if wrong.is_empty() {
+        Check::ok(
+            "backup-history",
+            format!(
+                "s3://{bucket}: versioning on, every version locked {} days ({}): a compromised box can hide backups, \
+                 not destroy them",
+                p.days.unwrap_or_default(),
+                p.mode.unwrap_or_default()
+            ),
+        )
+    } else {
+        Check::fail(
+            "backup-history",
+            format!("s3://{bucket}: {}: a compromised box could delete every backup", wrong.join(", ")),
+            FIX,
+        )
+    }
 }
 
 /// `20261122T030000Z-a1b2c3` → its time.
