@@ -86,10 +86,34 @@ pub async fn create_database(target: &PgTarget, name: &str, owner: Option<&str>)
         r.databases.insert(name.to_string());
         r.creators.insert(name.to_string(), this_process());
     })?;
-    let admin = target.connect("postgres", std::time::Duration::from_secs(30)).await?;
     let owner = owner.map(|o| format!(" OWNER {}", quote_ident(o))).unwrap_or_default();
-    admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0{owner}", quote_ident(name))).await?;
-    Ok(())
+    let created = async {
+        let admin = target.connect("postgres", std::time::Duration::from_secs(30)).await?;
+        admin.batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0{owner}", quote_ident(name))).await?;
+        Ok::<(), PgError>(())
+    }
+    .await;
+    if created.is_err() {
+        // Nothing was created — or the name was someone else's (a kept copy of the same second):
+        // the record must not make the next start drop it.
+        forget(name);
+    }
+    created
+}
+
+/// `make(stamp)` for a stamp of now whose database does not exist yet, waiting for the next
+/// second when an earlier job of this very second took the name (a kept migration copy).
+pub async fn unused_name(target: &PgTarget, make: impl Fn(&str) -> String) -> Result<(String, String), PgError> {
+    let admin = target.connect("postgres", std::time::Duration::from_secs(30)).await?;
+    for _ in 0..3 {
+        let ts = super::swap::stamp(std::time::SystemTime::now());
+        let name = make(&ts);
+        if admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_none() {
+            return Ok((ts, name));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    }
+    Err(PgError::Refused("no unused database name in three seconds".into()))
 }
 
 /// Drops `name` if it exists and forgets it.

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, NoTls};
@@ -270,8 +270,10 @@ pub async fn migrate(
     let src = SourceConn::parse(&url)?;
     drop(url);
     let live = cfg.backup.database.clone();
-    let ts = super::swap::stamp(SystemTime::now());
-    let new = format!("{live}_migrate_{ts}");
+    let (ts, new) =
+        super::leftovers::unused_name(&PgTarget::new(&cfg.services.postgres), |ts| format!("{live}_migrate_{ts}"))
+            .await
+            .map_err(|e| MigrateError::Local(e.to_string()))?;
     let started_at = crate::units::now_rfc3339();
 
     // 1. The snapshot.
