@@ -474,6 +474,13 @@ fn a_forged_backup_is_ignored_by_list_drill_restore_and_retention_and_reported_o
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert_eq!(subjects(&ses, "not backups this box wrote"), 1);
     assert!(!pwned(&b), "the forged archive ran");
+
+    // doctor dates the last backup by sealed manifests only, and counts what it ignored.
+    let doctor = b.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker doctor --json");
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let last = report["checks"].as_array().unwrap().iter().find(|c| c["check"] == "last-backup").unwrap().clone();
+    let detail = last["detail"].as_str().unwrap();
+    assert!(detail.contains("2 objects ignored (not sealed by this box)") && !detail.contains("unchecked"), "{last}");
 }
 
 #[test]

@@ -129,7 +129,7 @@ pub(super) async fn check_buckets(cfg: &Config, s3: &S3, opts: &Options, date: &
                 }
             };
             if reachable {
-                checks.push(last_backups(s3, bucket, &cfg.backup.prefix, opts.max_backup_age, deadline).await);
+                checks.push(last_backups(cfg, s3, bucket, opts.max_backup_age, deadline).await);
                 checks.push(backup_history(s3, bucket, cfg.backup.keep_daily, deadline).await);
             } else {
                 checks.push(Check::skip("last-backup", "the bucket cannot be listed"));
@@ -247,14 +247,20 @@ pub(super) fn id_time(id: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(&rfc).ok()
 }
 
-/// The newest backup (folder with a manifest) of each kind and the newest restore drill.
-async fn last_backups(s3: &S3, bucket: &str, prefix: &str, max_age: Duration, deadline: Duration) -> Check {
+/// The newest backup of each kind and the newest restore drill. With this box's seal keys the
+/// backups are the sealed manifests the listing accepts (a forged one does not make a stale box
+/// look fresh); without them, the manifests' key names, and the line says they are unchecked.
+async fn last_backups(cfg: &Config, s3: &S3, bucket: &str, max_age: Duration, deadline: Duration) -> Check {
+    let prefix = &cfg.backup.prefix;
+    let sealed = crate::backup::seal::SealKeys::for_config(cfg).is_ok();
     let now = SystemTime::now();
     let mut parts = Vec::new();
     let mut stale = Vec::new();
     let mut drills: Option<SystemTime> = None;
-    for kind in ["postgres", "redis"] {
-        let keys = match tokio::time::timeout(deadline, s3.list_keys(bucket, &format!("{prefix}/{kind}/"))).await {
+    let mut ignored = 0;
+    for kind in crate::backup::run::Kind::ALL {
+        let kind_name = kind.as_str();
+        let keys = match tokio::time::timeout(deadline, s3.list_keys(bucket, &format!("{prefix}/{kind_name}/"))).await {
             Ok(Ok(k)) => k,
             Ok(Err(e)) => return Check::fail("last-backup", e.to_string(), "see the backups check above"),
             Err(_) => return Check::fail("last-backup", format!("S3 did not answer within {deadline:?}"), "run again"),
@@ -268,16 +274,36 @@ async fn last_backups(s3: &S3, bucket: &str, prefix: &str, max_age: Duration, de
         if let Some(d) = time_of(crate::backup::run::VERIFY) {
             drills = drills.max(Some(d));
         }
-        match time_of(crate::backup::run::MANIFEST) {
-            Some(t) => {
-                let age = now.duration_since(t).unwrap_or_default();
-                parts.push(format!("{kind} {} ago", human_age(age)));
-                if age > max_age {
-                    stale.push(format!("{kind} ({} old)", human_age(age)));
+        let newest = if sealed {
+            match tokio::time::timeout(deadline, crate::backup::run::listing(cfg, s3, kind)).await {
+                Ok(Ok(l)) => {
+                    ignored += l.ignored.len();
+                    l.backups.last().and_then(|m| id_time(&m.id))
+                }
+                Ok(Err(e)) => return Check::fail("last-backup", e.to_string(), "see the backups check above"),
+                Err(_) => {
+                    return Check::fail("last-backup", format!("S3 did not answer within {deadline:?}"), "run again");
                 }
             }
-            None => stale.push(format!("{kind} (none yet)")),
+        } else {
+            time_of(crate::backup::run::MANIFEST)
+        };
+        match newest {
+            Some(t) => {
+                let age = now.duration_since(t).unwrap_or_default();
+                parts.push(format!("{kind_name} {} ago", human_age(age)));
+                if age > max_age {
+                    stale.push(format!("{kind_name} ({} old)", human_age(age)));
+                }
+            }
+            None => stale.push(format!("{kind_name} (none yet)")),
         }
+    }
+    if ignored > 0 {
+        parts.push(format!("{} ignored (not sealed by this box)", plural(ignored, "object")));
+    }
+    if !sealed {
+        parts.push("seals unchecked: no seal key or identity on this box".into());
     }
     let drill = match drills {
         Some(d) => format!("last restore drill {} ago", human_age(now.duration_since(d).unwrap_or_default())),
@@ -288,7 +314,12 @@ async fn last_backups(s3: &S3, bucket: &str, prefix: &str, max_age: Duration, de
     } else {
         Check::fail(
             "last-backup",
-            format!("no recent backup of {} (limit {}); {drill}", stale.join(", "), human_age(max_age)),
+            format!(
+                "no recent backup of {} (limit {}); {}{drill}",
+                stale.join(", "),
+                human_age(max_age),
+                parts.iter().map(|p| format!("{p}; ")).collect::<String>()
+            ),
             "`caretaker backup now`; if it fails, `journalctl -u caretaker` says why",
         )
     }
