@@ -130,3 +130,27 @@ fn a_source_file_readable_by_others_is_refused() {
     let out = b.sh("caretaker migrate");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn a_function_planted_in_the_source_does_not_run_as_superuser_while_the_copy_loads() {
+    let (b, _moto) = rig("mg-plant", 10);
+    // The source's owner (no superuser there) plants a CHECK calling a function that runs a shell
+    // command in any database but its own.
+    b.sh_ok(
+        "runuser -u postgres -- psql -p 5433 -d zsrc -qc \"set role migrator; \
+         create function public.pwn(int) returns boolean language plpgsql as \\$f\\$ begin \
+           if current_database() <> 'zsrc' then \
+             execute 'copy (select 1) to program ''touch /var/lib/postgresql/pwned'''; end if; return true; end \\$f\\$; \
+         create table planted(x int check (public.pwn(x))); insert into planted values (1)\"",
+    );
+    let out = b.sh("caretaker migrate --source-url-file /run/caretaker/migrate-source.url");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !b.sh("test -e /var/lib/postgresql/pwned").status.success(),
+        "the planted function ran as a superuser: {stdout}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("pg_restore failed"), "{stdout}");
+    assert!(!databases(&b).contains("zmanim_migrate_"), "the failed copy is dropped: {}", databases(&b));
+    assert_eq!(psql(&b, 5432, "zmanim", "select name from cities"), "old");
+}

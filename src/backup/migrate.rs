@@ -302,13 +302,32 @@ pub async fn migrate(
     )
     .await
     .map_err(MigrateError::Local)?;
-    super::leftovers::create_database(&target, &new, None).await.map_err(|e| MigrateError::Local(e.to_string()))?;
+    // pg_restore runs as the unprivileged restore role: the source is another server, and what it
+    // holds (a CHECK calling a function, an index expression) runs while the copy is loaded.
+    let restorer = super::unprivileged::prepare(&target).await.map_err(|e| MigrateError::Local(e.to_string()))?;
+    super::leftovers::create_database(&target, &new, Some(super::unprivileged::ROLE))
+        .await
+        .map_err(|e| MigrateError::Local(e.to_string()))?;
     progress(format!("restore: pg_dump of {} streaming into the new database {new}", src.describe()));
     let copied = tokio::select! {
-        r = copy(&src, &snapshot, cfg, &new) => r,
+        r = copy(&src, &snapshot, cfg, &new, &restorer, progress) => r,
         why = super::room::until_short(&plan) => Err(MigrateError::Local(why)),
     };
     let _ = snap.batch_execute("COMMIT").await;
+    // Every object to the owner of the database it will replace (else the server's superuser).
+    let copied = match copied {
+        Ok(()) => {
+            let owner = super::unprivileged::owner_of(&target, &live)
+                .await
+                .map(|o| o.unwrap_or_else(|| cfg.services.postgres.user.clone()));
+            match owner {
+                Ok(owner) => super::unprivileged::hand_over(&target, &new, &owner).await,
+                Err(e) => Err(e),
+            }
+            .map_err(|e| MigrateError::Local(e.to_string()))
+        }
+        Err(e) => Err(e),
+    };
     if let Err(e) = copied {
         let _ = super::verify::drop_database(cfg, &new).await;
         return Err(e);
@@ -354,24 +373,67 @@ pub async fn migrate(
     Ok(report)
 }
 
-async fn copy(src: &SourceConn, snapshot: &str, cfg: &Config, new: &str) -> Result<(), MigrateError> {
+async fn copy(
+    src: &SourceConn,
+    snapshot: &str,
+    cfg: &Config,
+    new: &str,
+    restorer: &PgTarget,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), MigrateError> {
     let target = PgTarget::new(&cfg.services.postgres);
     let local = |e: crate::pg::PgError| MigrateError::Local(e.to_string());
-    let mut dump = src
-        .pg_dump(target.tool("pg_dump").map_err(local)?, snapshot)
-        .spawn()
-        .map_err(|e| MigrateError::Local(format!("cannot run pg_dump: {e}")))?;
-    let dump_out: Stdio = dump
-        .stdout
-        .take()
-        .expect("piped")
-        .try_into()
-        .map_err(|e: std::io::Error| MigrateError::Local(e.to_string()))?;
-    let mut restore = target
+    let dump = || -> Result<(tokio::process::Child, Stdio), MigrateError> {
+        let mut dump = src
+            .pg_dump(target.tool("pg_dump").map_err(local)?, snapshot)
+            .spawn()
+            .map_err(|e| MigrateError::Local(format!("cannot run pg_dump: {e}")))?;
+        let out: Stdio = dump
+            .stdout
+            .take()
+            .expect("piped")
+            .try_into()
+            .map_err(|e: std::io::Error| MigrateError::Local(e.to_string()))?;
+        Ok((dump, out))
+    };
+
+    // Pass 1: the table of contents of the same snapshot (same dump ids), for the extensions.
+    let (mut head, head_out) = dump()?;
+    let listed = restorer
         .tool("pg_restore")
         .map_err(local)?
-        .args(target.tool_args(new))
+        .arg("--list")
+        .stdin(head_out)
+        .output()
+        .await
+        .map_err(|e| MigrateError::Local(format!("cannot run pg_restore: {e}")))?;
+    let _ = head.kill().await;
+    if !listed.status.success() {
+        let stderr = String::from_utf8_lossy(&listed.stderr);
+        return Err(MigrateError::Tool(crate::pg::tool_failure(
+            "pg_restore --list",
+            &listed.status.to_string(),
+            &stderr,
+        )));
+    }
+    let toc = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let wanted = super::unprivileged::extensions(&toc);
+    let created = super::unprivileged::create_extensions(&target, new, &wanted).await.map_err(local)?;
+    if !created.is_empty() {
+        progress(format!("restore: created the extensions {} in {new}", created.join(", ")));
+    }
+    let list =
+        super::unprivileged::ListFile::write(&std::env::temp_dir(), &super::unprivileged::restore_list(&toc, &created))
+            .map_err(|e| MigrateError::Local(format!("cannot write the restore list: {e}")))?;
+
+    // Pass 2: the whole copy, as the restore role.
+    let (mut dump, dump_out) = dump()?;
+    let mut restore = restorer
+        .tool("pg_restore")
+        .map_err(local)?
+        .args(restorer.tool_args(new))
         .args(["--exit-on-error", "--no-owner", "--no-privileges"])
+        .arg(format!("--use-list={}", list.path().display()))
         .stdin(dump_out)
         .stdout(Stdio::null())
         .spawn()

@@ -103,7 +103,7 @@ pub async fn restore_postgres(
     ));
     // The restore role loaded and owns everything: give it to whoever owns the live database
     // (else the backed-up database's owner, else the server's superuser).
-    let owner = match database_owner(cfg, &live).await? {
+    let owner = match super::unprivileged::owner_of(&PgTarget::new(&cfg.services.postgres), &live).await? {
         Some(o) => o,
         None => m.details["owner"].as_str().map(str::to_string).unwrap_or_else(|| cfg.services.postgres.user.clone()),
     };
@@ -124,15 +124,6 @@ pub async fn restore_postgres(
         tables: loaded.tables.len(),
         rows: loaded.tables.values().map(|(e, _)| e).sum(),
     })
-}
-
-/// The owner of `database`, when it exists.
-async fn database_owner(cfg: &Config, database: &str) -> Result<Option<String>, RestoreError> {
-    let admin = PgTarget::new(&cfg.services.postgres).connect("postgres", Duration::from_secs(30)).await?;
-    let row = admin
-        .query_opt("SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1", &[&database])
-        .await?;
-    Ok(row.map(|r| r.get(0)))
 }
 
 /// After a restore: says so when the data's filesystem is nearly full, and what dropping the kept

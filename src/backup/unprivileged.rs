@@ -137,6 +137,15 @@ pub async fn hand_over(admin: &PgTarget, database: &str, owner: &str) -> Result<
     Ok(())
 }
 
+/// The owner of `database`, when it exists.
+pub async fn owner_of(admin: &PgTarget, database: &str) -> Result<Option<String>, PgError> {
+    let client = admin.connect("postgres", std::time::Duration::from_secs(30)).await?;
+    let row = client
+        .query_opt("SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1", &[&database])
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 /// The list file for `pg_restore -L`: created new (never through a link), 0600, owned by the
 /// restore role's OS user; removed when dropped.
 pub struct ListFile(PathBuf);
