@@ -202,7 +202,6 @@ impl Read for ChannelReader {
 /// (stored bytes, plaintext bytes) as it goes. The sink is flushed and shut down at the end.
 /// Nothing reaches the sink unless the object's age header hashes to `header_sha256` (from the
 /// sealed manifest).
-#[allow(clippy::too_many_arguments)]
 pub async fn fetch_into<W>(
     s3: &S3,
     bucket: &str,

@@ -101,21 +101,6 @@ pub async fn create_database(target: &PgTarget, name: &str, owner: Option<&str>)
     created
 }
 
-/// `make(stamp)` for a stamp of now whose database does not exist yet, waiting for the next
-/// second when an earlier job of this very second took the name (a kept migration copy).
-pub async fn unused_name(target: &PgTarget, make: impl Fn(&str) -> String) -> Result<(String, String), PgError> {
-    let admin = target.connect("postgres", std::time::Duration::from_secs(30)).await?;
-    for _ in 0..3 {
-        let ts = super::swap::stamp(std::time::SystemTime::now());
-        let name = make(&ts);
-        if admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_none() {
-            return Ok((ts, name));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    }
-    Err(PgError::Refused("no unused database name in three seconds".into()))
-}
-
 /// Drops `name` if it exists and forgets it.
 pub async fn drop_database(target: &PgTarget, name: &str) -> Result<(), PgError> {
     target.drop_database(name).await?;

@@ -271,7 +271,7 @@ pub async fn migrate(
     drop(url);
     let live = cfg.backup.database.clone();
     let (ts, new) =
-        super::leftovers::unused_name(&PgTarget::new(&cfg.services.postgres), |ts| format!("{live}_migrate_{ts}"))
+        super::swap::unused_name(&PgTarget::new(&cfg.services.postgres), |ts| format!("{live}_migrate_{ts}"))
             .await
             .map_err(|e| MigrateError::Local(e.to_string()))?;
     let started_at = crate::units::now_rfc3339();

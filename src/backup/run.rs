@@ -123,6 +123,8 @@ pub enum BackupError {
     Stream(#[from] super::stream::StreamError),
     #[error("{0}")]
     S3(#[from] crate::aws::s3::S3Error),
+    #[error("{0}")]
+    Seal(#[from] super::seal::SealError),
 }
 
 /// The stream settings from the configuration (the passphrase read from its env file).

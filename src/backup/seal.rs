@@ -17,8 +17,12 @@
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use super::run::BackupError;
 use crate::config::Config;
+
+/// Why this box has no key to seal with (names the variable and file; never a value).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SealError(String);
 
 const SALT: &[u8] = b"caretaker seal v1";
 const ALG: &str = "hmac-sha256";
@@ -75,14 +79,14 @@ impl SealKeys {
     /// This box's keys, read from `backup.passphrase-file`'s env file: the seal key variable,
     /// the age identities (with recipients) or the passphrase (without). None at all is an error
     /// that names what to set; a value is never echoed.
-    pub fn for_config(cfg: &Config) -> Result<SealKeys, BackupError> {
+    pub fn for_config(cfg: &Config) -> Result<SealKeys, SealError> {
         let b = &cfg.backup;
         let file = cfg.secrets.env_dir.join(format!("{}.env", b.passphrase_file));
         let read = |var: &str| crate::envfile::read_env_var(&file, var).ok().flatten();
         let mut secrets: Vec<Vec<u8>> = Vec::new();
         if let Some(k) = read(&b.seal_key_var) {
             if k.expose().trim().chars().count() < MIN_KEY_CHARS {
-                return Err(BackupError::Setup(format!(
+                return Err(SealError(format!(
                     "{} in {} is shorter than {MIN_KEY_CHARS} characters: it cannot seal backups (make one with \
                      `openssl rand -hex 32`)",
                     b.seal_key_var,
@@ -99,7 +103,7 @@ impl SealKeys {
         }
         if secrets.is_empty() {
             let var = if b.recipients.is_empty() { &b.passphrase_var } else { &b.identity_var };
-            return Err(BackupError::Setup(format!(
+            return Err(SealError(format!(
                 "no key to seal and check backups with: put {} (or {var}) in {}",
                 b.seal_key_var,
                 file.display()

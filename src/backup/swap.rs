@@ -35,6 +35,24 @@ pub fn stamp(t: SystemTime) -> String {
     s.trim_end_matches('Z').replace(['-', ':'], "").replace('T', "_")
 }
 
+/// `make(stamp)` for a stamp of now whose database does not exist yet, waiting for the next
+/// second when an earlier job of this very second took the name (a kept migration copy).
+pub async fn unused_name(
+    target: &crate::pg::PgTarget,
+    make: impl Fn(&str) -> String,
+) -> Result<(String, String), crate::pg::PgError> {
+    let admin = target.connect("postgres", std::time::Duration::from_secs(30)).await?;
+    for _ in 0..3 {
+        let ts = stamp(std::time::SystemTime::now());
+        let name = make(&ts);
+        if admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_none() {
+            return Ok((ts, name));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    }
+    Err(crate::pg::PgError::Refused("no unused database name in three seconds".into()))
+}
+
 /// Whether `name` is a database a restore kept (`DB_pre_restore_YYYYMMDD_HHMMSS`).
 pub fn is_kept_name(db: &str, name: &str) -> bool {
     name.strip_prefix(db).and_then(|r| r.strip_prefix("_pre_restore_")).is_some_and(is_stamp)
