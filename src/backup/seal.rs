@@ -176,4 +176,45 @@ mod tests {
         assert!(rotated.open(&sealed).is_ok());
         assert!(!format!("{rotated:?}").contains("passphrase"));
     }
+
+    fn config_with(env: &str, recipients: bool) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("caretaker.env"), env).unwrap();
+        let mut cfg = Config::default();
+        cfg.secrets.env_dir = dir.path().to_path_buf();
+        if recipients {
+            cfg.backup.recipients = vec!["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p".into()];
+        }
+        (dir, cfg)
+    }
+
+    #[test]
+    fn the_keys_come_from_the_env_file_and_a_bad_one_is_named_never_echoed() {
+        // No key at all: the error names what to set and where.
+        let (_d, cfg) = config_with("OTHER=1\n", true);
+        let e = SealKeys::for_config(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("BACKUP_SEAL_KEY") && e.contains("BACKUP_AGE_IDENTITY") && e.contains("caretaker.env"),
+            "{e}"
+        );
+        // A seal key too short to be one: refused, its value not in the message.
+        let (_d, cfg) = config_with("BACKUP_SEAL_KEY=hunter2-short\n", true);
+        let e = SealKeys::for_config(&cfg).unwrap_err().to_string();
+        assert!(e.contains("shorter than 32") && !e.contains("hunter2"), "{e}");
+        // The passphrase seals when there are no recipients; the seal key wins over it, and a box
+        // with both opens what either sealed.
+        let (_d, cfg) = config_with("BACKUP_PASSPHRASE=\"correct horse\"\n", false);
+        let by_pass = SealKeys::for_config(&cfg).unwrap().seal(&serde_json::json!({ "a": 1 }));
+        let key = "k".repeat(32);
+        let (_d, cfg) = config_with(&format!("BACKUP_PASSPHRASE=\"correct horse\"\nBACKUP_SEAL_KEY={key}\n"), false);
+        let both = SealKeys::for_config(&cfg).unwrap();
+        assert!(both.open(&by_pass).is_ok());
+        let by_key = both.seal(&serde_json::json!({ "a": 1 }));
+        assert!(SealKeys::from_secrets([key.as_bytes()]).open(&by_key).is_ok(), "the seal key seals first");
+        // Recipients: every identity in the variable is a key.
+        let (_d, cfg) = config_with("BACKUP_AGE_IDENTITY=\"AGE-SECRET-KEY-NEW,AGE-SECRET-KEY-OLD\"\n", true);
+        let ids = SealKeys::for_config(&cfg).unwrap();
+        let old = SealKeys::from_secrets([b"AGE-SECRET-KEY-OLD".as_slice()]).seal(&serde_json::json!({ "a": 1 }));
+        assert!(ids.open(&old).is_ok());
+    }
 }
