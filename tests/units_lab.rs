@@ -1,8 +1,8 @@
 //! The shipped units and `caretaker doctor` in lab boxes: `systemd-analyze security` exposure of
-//! caretaker.service, the API unit and the IMDS guard (printed, held to issue 14's targets: 3.0, 1.5;
-//! the guard 2.0), the API unit running
-//! the stand-in API sandboxed under its own user, and doctor against a box that is healthy, then
-//! one whose data volume was unmounted, then one whose SSM cannot be reached.
+//! caretaker.service, the API unit and the IMDS guard (printed, and held to issue 14's targets:
+//! 3.0, 1.5; the guard 2.0), the API unit running the stand-in API sandboxed under its own user,
+//! the IMDS guard, and doctor against a box that is healthy, then one whose data volume was
+//! unmounted, then one whose SSM cannot be reached.
 
 use std::path::PathBuf;
 use std::process::Output;
