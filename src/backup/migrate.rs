@@ -316,16 +316,10 @@ pub async fn migrate(
     let _ = snap.batch_execute("COMMIT").await;
     // Every object to the owner of the database it will replace (else the server's superuser).
     let copied = match copied {
-        Ok(()) => {
-            let owner = super::unprivileged::owner_of(&target, &live)
-                .await
-                .map(|o| o.unwrap_or_else(|| cfg.services.postgres.user.clone()));
-            match owner {
-                Ok(owner) => super::unprivileged::hand_over(&target, &new, &owner).await,
-                Err(e) => Err(e),
-            }
-            .map_err(|e| MigrateError::Local(e.to_string()))
-        }
+        Ok(()) => super::unprivileged::hand_to_owner_of(&target, &new, &live, None)
+            .await
+            .map(drop)
+            .map_err(|e| MigrateError::Local(e.to_string())),
         Err(e) => Err(e),
     };
     if let Err(e) = copied {
@@ -417,14 +411,7 @@ async fn copy(
         )));
     }
     let toc = String::from_utf8_lossy(&listed.stdout).into_owned();
-    let wanted = super::unprivileged::extensions(&toc);
-    let created = super::unprivileged::create_extensions(&target, new, &wanted).await.map_err(local)?;
-    if !created.is_empty() {
-        progress(format!("restore: created the extensions {} in {new}", created.join(", ")));
-    }
-    let list =
-        super::unprivileged::ListFile::write(&std::env::temp_dir(), &super::unprivileged::restore_list(&toc, &created))
-            .map_err(|e| MigrateError::Local(format!("cannot write the restore list: {e}")))?;
+    let list = super::unprivileged::prepare_load(&target, new, &toc, progress).await.map_err(local)?;
 
     // Pass 2: the whole copy, as the restore role.
     let (mut dump, dump_out) = dump()?;

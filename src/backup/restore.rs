@@ -103,15 +103,13 @@ pub async fn restore_postgres(
     ));
     // The restore role loaded and owns everything: give it to whoever owns the live database
     // (else the backed-up database's owner, else the server's superuser).
-    let owner = match super::unprivileged::owner_of(&PgTarget::new(&cfg.services.postgres), &live).await? {
-        Some(o) => o,
-        None => m.details["owner"].as_str().map(str::to_string).unwrap_or_else(|| cfg.services.postgres.user.clone()),
-    };
-    progress(format!("restore: {new} and its objects now belong to {owner}"));
-    let handed = super::unprivileged::hand_over(&PgTarget::new(&cfg.services.postgres), &new, &owner).await;
-    if let Err(e) = handed {
-        let _ = verify::drop_database(cfg, &new).await;
-        return Err(e.into());
+    let admin = PgTarget::new(&cfg.services.postgres);
+    match super::unprivileged::hand_to_owner_of(&admin, &new, &live, m.details["owner"].as_str()).await {
+        Ok(owner) => progress(format!("restore: {new} and its objects now belong to {owner}")),
+        Err(e) => {
+            let _ = verify::drop_database(cfg, &new).await;
+            return Err(e.into());
+        }
     }
 
     let kept = swap_in(cfg, systemd, &live, &new, &ts, progress).await?;

@@ -102,7 +102,7 @@ fn name(rest: &str) -> Option<String> {
 
 /// Creates `names` in `database` as the superuser, and lets the restore role load the rows of
 /// their configuration tables (pg_dump dumps those: PostGIS's `spatial_ref_sys`, for example).
-pub async fn create_extensions(admin: &PgTarget, database: &str, names: &[String]) -> Result<Vec<String>, PgError> {
+async fn create_extensions(admin: &PgTarget, database: &str, names: &[String]) -> Result<Vec<String>, PgError> {
     let client = admin.connect(database, std::time::Duration::from_secs(30)).await?;
     let mut created = Vec::new();
     for n in names {
@@ -130,15 +130,47 @@ pub async fn create_extensions(admin: &PgTarget, database: &str, names: &[String
 
 /// Gives every object in `database` (and the database) that the restore role owns to `owner`, and
 /// takes back what it was granted there.
-pub async fn hand_over(admin: &PgTarget, database: &str, owner: &str) -> Result<(), PgError> {
+async fn hand_over(admin: &PgTarget, database: &str, owner: &str) -> Result<(), PgError> {
     let client = admin.connect(database, std::time::Duration::from_secs(30)).await?;
     let role = quote_ident(ROLE);
     client.batch_execute(&format!("REASSIGN OWNED BY {role} TO {}; DROP OWNED BY {role}", quote_ident(owner))).await?;
     Ok(())
 }
 
+/// Before pass 2 of a load into `database`: creates the extensions the table of contents `toc`
+/// names (as the superuser, with `progress` told which) and writes the list pg_restore is given.
+pub async fn prepare_load(
+    admin: &PgTarget,
+    database: &str,
+    toc: &str,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<ListFile, PgError> {
+    let created = create_extensions(admin, database, &extensions(toc)).await?;
+    if !created.is_empty() {
+        progress(format!("postgres: created the extensions {} in {database}", created.join(", ")));
+    }
+    ListFile::write(&std::env::temp_dir(), &restore_list(toc, &created))
+        .map_err(|e| PgError::Refused(format!("cannot write the restore list: {e}")))
+}
+
+/// After a load's checks: gives `new` and everything in it to the owner of `live` (else
+/// `fallback`, else the server's superuser, `admin`'s user); returns that owner.
+pub async fn hand_to_owner_of(
+    admin: &PgTarget,
+    new: &str,
+    live: &str,
+    fallback: Option<&str>,
+) -> Result<String, PgError> {
+    let owner = match owner_of(admin, live).await? {
+        Some(o) => o,
+        None => fallback.unwrap_or(&admin.user).to_string(),
+    };
+    hand_over(admin, new, &owner).await?;
+    Ok(owner)
+}
+
 /// The owner of `database`, when it exists.
-pub async fn owner_of(admin: &PgTarget, database: &str) -> Result<Option<String>, PgError> {
+async fn owner_of(admin: &PgTarget, database: &str) -> Result<Option<String>, PgError> {
     let client = admin.connect("postgres", std::time::Duration::from_secs(30)).await?;
     let row = client
         .query_opt("SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1", &[&database])

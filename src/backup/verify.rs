@@ -133,14 +133,7 @@ async fn load_into(
 
     // Pass 1: the archive's table of contents (at its start), for the extensions to create first.
     let toc = table_of_contents(s3, &bucket, &key, m, fetch::decryption(cfg)?, restorer).await?;
-    let wanted = super::unprivileged::extensions(&toc);
-    let created = super::unprivileged::create_extensions(&target, database, &wanted).await?;
-    if !created.is_empty() {
-        progress(format!("postgres: created the extensions {} in {database}", created.join(", ")));
-    }
-    let list =
-        super::unprivileged::ListFile::write(&std::env::temp_dir(), &super::unprivileged::restore_list(&toc, &created))
-            .map_err(|e| VerifyError::PgRestore(format!("cannot write the restore list: {e}")))?;
+    let list = super::unprivileged::prepare_load(&target, database, &toc, progress).await?;
 
     // Pass 2: the whole archive, as the unprivileged role, objects owned by it.
     let decryption = fetch::decryption(cfg)?;
