@@ -329,8 +329,12 @@ pub struct Listing {
 
 /// [`list`], with every ignored object and why (each also logged as a warning).
 pub async fn listing(cfg: &Config, s3: &S3, kind: Kind) -> Result<Listing, BackupError> {
+    listing_with(cfg, s3, kind, &SealKeys::for_config(cfg)?).await
+}
+
+/// [`listing`] with keys already read.
+async fn listing_with(cfg: &Config, s3: &S3, kind: Kind, keys: &SealKeys) -> Result<Listing, BackupError> {
     let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
-    let keys = SealKeys::for_config(cfg)?;
     let prefix = format!("{}/{}/", cfg.backup.prefix, kind.as_str());
     let mut out = Listing::default();
     for key in s3.list_keys(&bucket, &prefix).await? {
@@ -340,7 +344,7 @@ pub async fn listing(cfg: &Config, s3: &S3, kind: Kind) -> Result<Listing, Backu
         let checked = match expected_id(&cfg.backup.prefix, kind, &key) {
             Err(why) => Err(why),
             Ok(id) => match s3.get_small(&bucket, &key, MANIFEST_MAX).await {
-                Ok(Some(bytes)) => accept(&keys, kind, &id, &bytes),
+                Ok(Some(bytes)) => accept(keys, kind, &id, &bytes),
                 Ok(None) => continue,
                 Err(e) => Err(e.to_string()),
             },
@@ -417,7 +421,7 @@ pub async fn prune(cfg: &Config, s3: &S3, dry_run: bool) -> Result<Vec<PruneRepo
     let keys = SealKeys::for_config(cfg)?;
     let mut reports = Vec::new();
     for kind in [Kind::Postgres, Kind::Redis] {
-        let Listing { backups: manifests, ignored } = listing(cfg, s3, kind).await?;
+        let Listing { backups: manifests, ignored } = listing_with(cfg, s3, kind, &keys).await?;
         let mut refs = Vec::new();
         for m in &manifests {
             let folder = folder(&cfg.backup.prefix, kind, &m.id);
