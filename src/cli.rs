@@ -117,6 +117,10 @@ transaction, health gate, swap back on failure).")]
         swap: bool,
     },
 
+    /// PostgreSQL's archive_command and restore_command (run by the server, as its user).
+    #[command(subcommand)]
+    Wal(WalCommand),
+
     /// Check everything the box depends on: one line per check, ✓ or ✗ and what to do.
     #[command(long_about = "Check the box and print one line per check: ✓, ✗ with what to do, or - when it is \
 not configured. Checked: the configuration; IMDSv2, the instance identity and the region; the SSM path (parameter \
@@ -128,6 +132,41 @@ check failed, 1 when one did, 2 when the configuration is invalid.")]
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Archive one WAL file: exits 0 only once S3 holds it (archive_command = 'caretaker wal push %p').
+    #[command(long_about = "Hand one WAL file to the caretaker daemon over its WAL socket; the daemon checks the \
+file's first page against the cluster (system identifier, timeline, position), compresses and encrypts it as \
+backups are, and stores it under BACKUP-PREFIX/wal/ only if no object has that name. Exit 0 once S3 acknowledged \
+it, or when the archive already holds the same content; non-zero otherwise (PostgreSQL keeps the file and tries \
+again). Set by caretaker as PostgreSQL's archive_command; not for interactive use.")]
+    Push {
+        /// The file, as PostgreSQL's %p gives it (relative to the data directory).
+        path: std::path::PathBuf,
+        /// The daemon's WAL socket.
+        #[arg(long, default_value = crate::backup::wal::server::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Fetch one WAL file for recovery (restore_command = 'caretaker wal fetch %f %p').
+    #[command(long_about = "Ask caretaker over its WAL socket for one archived WAL file and write it to DEST. \
+Exit 0 with the file written; 1 when the archive does not have it (PostgreSQL may end recovery there); 126 on any \
+error — a seal or hash that does not verify, S3 unreachable after retries — so that PostgreSQL aborts recovery \
+rather than take an error for the end of the archive.")]
+    Fetch {
+        /// The file's name (%f).
+        name: String,
+        /// Where to write it (%p).
+        dest: std::path::PathBuf,
+        #[arg(long, default_value = crate::backup::wal::server::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
 }
 

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use caretaker::cli::{BackupCommand, Cli, Command, ConfigCommand, RestoreCommand, StatusArgs, UpdateArgs};
+use caretaker::cli::{BackupCommand, Cli, Command, ConfigCommand, RestoreCommand, StatusArgs, UpdateArgs, WalCommand};
 use caretaker::config::{self, LogLevel, Sources};
 use caretaker::control::client::{Client, ClientError};
 use caretaker::{daemon, exit, logging};
@@ -80,6 +80,35 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Update(args) => update(&cli_bus(&cli.bus_address, &sources), args).await,
         Command::Doctor { json } => doctor(&sources, cli.bus_address.clone(), json).await,
+        Command::Wal(cmd) => wal(cmd).await,
+    }
+}
+
+/// archive_command / restore_command: one line on stderr (PostgreSQL's log), the exit status
+/// PostgreSQL acts on.
+async fn wal(cmd: WalCommand) -> u8 {
+    use caretaker::backup::wal::client;
+    use std::time::Duration;
+    match cmd {
+        WalCommand::Push { path, socket, timeout } => {
+            match client::push(&socket, &path, Duration::from_secs(timeout)).await {
+                Ok(_) => exit::OK,
+                Err(e) => {
+                    eprintln!("caretaker wal push: {e}");
+                    exit::FAILURE
+                }
+            }
+        }
+        WalCommand::Fetch { name, dest, socket, timeout } => {
+            match client::fetch(&socket, &name, &dest, Duration::from_secs(timeout)).await {
+                Ok(true) => exit::OK,
+                Ok(false) => client::NOT_FOUND,
+                Err(e) => {
+                    eprintln!("caretaker wal fetch {name}: {e}; recovery must not go on without it");
+                    client::ABORT_RECOVERY
+                }
+            }
+        }
     }
 }
 

@@ -27,6 +27,14 @@ where
     }
 }
 
+/// What a conditional put found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Created,
+    /// An object with that key exists already; nothing was written.
+    Exists,
+}
+
 #[derive(Clone)]
 pub struct S3 {
     client: aws_sdk_s3::Client,
@@ -143,6 +151,69 @@ impl S3 {
             .await
             .map_err(Self::err("PutObject", bucket, key))?;
         Ok(())
+    }
+
+    /// Creates `key` with `body` and user `metadata` only if no object has that key
+    /// (`If-None-Match: *`): an archived object is never overwritten. [`Put::Exists`] when one does.
+    pub async fn put_new(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        metadata: &[(&str, String)],
+    ) -> Result<Put, S3Error> {
+        let mut req = self.client.put_object().bucket(bucket).key(key).if_none_match("*").body(ByteStream::from(body));
+        for (k, v) in metadata {
+            req = req.metadata(*k, v);
+        }
+        match req.send().await {
+            Ok(_) => Ok(Put::Created),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(Put::Exists),
+            Err(e) => Err(Self::err("PutObject", bucket, key)(e)),
+        }
+    }
+
+    /// The user metadata of `key` (None when there is no such object).
+    pub async fn head_metadata(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<std::collections::HashMap<String, String>>, S3Error> {
+        match self.client.head_object().bucket(bucket).key(key).send().await {
+            Ok(out) => Ok(Some(out.metadata.unwrap_or_default())),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(Self::err("HeadObject", bucket, key)(e)),
+        }
+    }
+
+    /// A bounded object with its user metadata (see [`S3::get_small`]).
+    pub async fn get_small_with_metadata(
+        &self,
+        bucket: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<Option<(Vec<u8>, std::collections::HashMap<String, String>)>, S3Error> {
+        let out = match self.client.get_object().bucket(bucket).key(key).send().await {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(Self::err("GetObject", bucket, key)(e)),
+        };
+        let fail =
+            |message: String| S3Error { operation: "GetObject", bucket: bucket.into(), key: key.into(), message };
+        if out.content_length().is_some_and(|n| n < 0 || n as u64 > max as u64) {
+            return Err(fail(format!("larger than {max} bytes: not read")));
+        }
+        let metadata = out.metadata.unwrap_or_default();
+        let mut body = out.body;
+        let mut data = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| fail(e.to_string()))?;
+            if data.len() + chunk.len() > max {
+                return Err(fail(format!("larger than {max} bytes: not read")));
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok(Some((data, metadata)))
     }
 
     /// The whole object in memory (manifests, tests); large objects are streamed with [`S3::get_stream`].

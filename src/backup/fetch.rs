@@ -24,6 +24,7 @@ use crate::config::Config;
 const CHUNK: usize = 256 << 10;
 
 /// How a stored object is decrypted.
+#[derive(Clone)]
 pub enum Decryption {
     /// age X25519 identities (`AGE-SECRET-KEY-1…`), matching the recipients backups are made for.
     Identities(Vec<age::x25519::Identity>),
@@ -198,6 +199,24 @@ impl Read for ChannelReader {
     }
 }
 
+/// The plaintext of the age stream `reader` (its header read and checked here).
+pub(in crate::backup) fn open_age<R: Read>(
+    reader: R,
+    decryption: &Decryption,
+) -> Result<age::stream::StreamReader<R>, FetchError> {
+    let decryptor = age::Decryptor::new(reader).map_err(decrypt_error)?;
+    match decryption {
+        Decryption::Identities(ids) => {
+            decryptor.decrypt(ids.iter().map(|i| i as &dyn age::Identity)).map_err(decrypt_error)
+        }
+        Decryption::Passphrase(p) => {
+            let mut id = age::scrypt::Identity::new(p.clone());
+            id.set_max_work_factor(super::stream::SCRYPT_LOG_N);
+            decryptor.decrypt(std::iter::once(&id as &dyn age::Identity)).map_err(decrypt_error)
+        }
+    }
+}
+
 /// Streams `s3://bucket/key` through decryption and decompression into `sink`; `progress` gets
 /// (stored bytes, plaintext bytes) as it goes. The sink is flushed and shut down at the end.
 /// Nothing reaches the sink unless the object's age header hashes to `header_sha256` (from the
@@ -248,17 +267,7 @@ where
             expect_header: Some(expected_header),
         };
         let plain_out = {
-            let decryptor = age::Decryptor::new(&mut reader).map_err(decrypt_error)?;
-            let decrypted = match decryption {
-                Decryption::Identities(ids) => {
-                    decryptor.decrypt(ids.iter().map(|i| i as &dyn age::Identity)).map_err(decrypt_error)?
-                }
-                Decryption::Passphrase(p) => {
-                    let mut id = age::scrypt::Identity::new(p);
-                    id.set_max_work_factor(super::stream::SCRYPT_LOG_N);
-                    decryptor.decrypt(std::iter::once(&id as &dyn age::Identity)).map_err(decrypt_error)?
-                }
-            };
+            let decrypted = open_age(&mut reader, &decryption)?;
             let mut z = zstd::stream::read::Decoder::new(decrypted).map_err(|e| FetchError::Damaged(e.to_string()))?;
             // The plaintext hash on a thread of its own, beside decryption and decompression.
             let (hash_tx, hash_rx) = mpsc::channel::<Bytes>(4);

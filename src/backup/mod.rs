@@ -30,3 +30,5 @@ pub mod swap;
 pub mod unprivileged;
 /// Restore drills; loading a backup into a new database, checked.
 pub mod verify;
+/// Point-in-time recovery: the WAL archive, its chain and its window.
+pub mod wal;

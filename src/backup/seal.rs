@@ -125,6 +125,19 @@ impl SealKeys {
         out
     }
 
+    /// The seal (hex MAC by the first key) of `doc`, for documents that travel outside JSON
+    /// files (a WAL object's metadata).
+    pub fn mac_hex(&self, doc: &serde_json::Value) -> String {
+        hex::encode(mac(&self.keys[0], &canonical(doc)).finalize().into_bytes())
+    }
+
+    /// Whether one of this box's keys made `tag` (hex) for `doc`.
+    pub fn verifies(&self, doc: &serde_json::Value, tag: &str) -> bool {
+        let Ok(tag) = hex::decode(tag) else { return false };
+        let body = canonical(doc);
+        self.keys.iter().any(|k| mac(k, &body).verify_slice(&tag).is_ok())
+    }
+
     /// The document in `bytes` when one of this box's keys sealed it; why not otherwise.
     pub fn open(&self, bytes: &[u8]) -> Result<serde_json::Value, String> {
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;

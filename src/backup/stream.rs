@@ -40,7 +40,7 @@ pub enum Encryption {
 }
 
 impl Encryption {
-    fn encryptor(&self) -> Result<age::Encryptor, String> {
+    pub(in crate::backup) fn encryptor(&self) -> Result<age::Encryptor, String> {
         match self {
             Encryption::Recipients(r) => {
                 age::Encryptor::with_recipients(r.iter().map(|r| r as &dyn age::Recipient)).map_err(|e| e.to_string())

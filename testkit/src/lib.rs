@@ -8,6 +8,8 @@ pub mod imds;
 pub mod lab;
 /// moto's server from the project venv, started on a free port, stopped by PID.
 pub mod moto;
+/// Throw-away PostgreSQL clusters of each tested version.
+pub mod pg;
 /// Free TCP ports on loopback and other small helpers.
 pub mod ports;
 /// SSM Run Command simulated: document parameters checked and substituted as SSM does, run with `sh`.

@@ -1,0 +1,325 @@
+//! The WAL socket: PostgreSQL's `archive_command` and `restore_command` are thin clients
+//! (`caretaker wal push|fetch`, see [`super::client`]) that hand a file to, or ask one of, the
+//! process holding the S3 client and the keys — the daemon, or a restore job.
+//!
+//! Why not a process per segment that talks to S3 itself: the command runs as the postgres user,
+//! and that user must not reach the instance role (caretaker-imds-guard denies IMDS to every
+//! non-root user) nor read the backup keys. The socket also saves each segment a process that
+//! builds an S3 client and fetches credentials.
+//!
+//! Wire: one request line (JSON, ≤ 4 KiB) then, for a push, exactly `bytes` bytes; one answer
+//! line then, for a fetch that found the file, exactly `bytes` bytes. Only root and the
+//! PostgreSQL user may connect (peer credentials); the client never names a path, only a WAL
+//! file name, which is parsed strictly.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::archive::{Archive, Pushed, WalError};
+use super::name::{Segment, WalFile};
+
+/// The socket's default path.
+pub const DEFAULT_SOCKET: &str = "/run/caretaker/wal.sock";
+const MAX_LINE: usize = 4096;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Push { name: String, bytes: u64 },
+    Fetch { name: String },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<Pushed>,
+    /// Fetch: whether the archive has the file (false only when it does not: never on an error).
+    #[serde(default)]
+    pub found: bool,
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// What a restore may fetch: the segments the chain check found (a missing one inside this range
+/// is an error, never "not found": that would end recovery early) and where the archive ends.
+#[derive(Debug, Clone, Default)]
+pub struct FetchPlan {
+    pub required: BTreeSet<Segment>,
+    /// The system identifier every fetched segment must carry.
+    pub system_identifier: u64,
+}
+
+/// Counters for status and alerts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WalStats {
+    pub archived: u64,
+    pub already_archived: u64,
+    pub failed: u64,
+    pub fetched: u64,
+    pub last_archived: Option<String>,
+    pub last_archived_at: Option<String>,
+    pub last_failure: Option<String>,
+    pub last_failure_at: Option<String>,
+}
+
+/// The server's state.
+pub struct WalServer {
+    archive: Arc<Archive>,
+    /// PostgreSQL's data directory: the system identifier is read from its `global/pg_control`.
+    data_dir: PathBuf,
+    allowed_uids: Vec<u32>,
+    plan: Mutex<Option<FetchPlan>>,
+    /// Segments fetched ahead of replay (plaintext), at most `prefetch` of them.
+    cache: Mutex<HashMap<String, Vec<u8>>>,
+    prefetch: usize,
+    stats: Mutex<WalStats>,
+    /// Called with every transient or lasting push failure (alerts).
+    on_failure: Box<dyn Fn(&WalError) + Send + Sync>,
+}
+
+impl WalServer {
+    pub fn new(archive: Archive, data_dir: &Path, allowed_uids: Vec<u32>) -> WalServer {
+        WalServer {
+            archive: Arc::new(archive),
+            data_dir: data_dir.to_path_buf(),
+            allowed_uids,
+            plan: Mutex::new(None),
+            cache: Mutex::new(HashMap::new()),
+            prefetch: 2,
+            stats: Mutex::new(WalStats::default()),
+            on_failure: Box::new(|_| {}),
+        }
+    }
+
+    pub fn with_failure_hook(mut self, f: impl Fn(&WalError) + Send + Sync + 'static) -> WalServer {
+        self.on_failure = Box::new(f);
+        self
+    }
+
+    pub fn set_plan(&self, plan: Option<FetchPlan>) {
+        *self.plan.lock().expect("plan lock") = plan;
+        self.cache.lock().expect("cache lock").clear();
+    }
+
+    pub fn stats(&self) -> WalStats {
+        self.stats.lock().expect("stats lock").clone()
+    }
+
+    pub fn archive(&self) -> &Archive {
+        &self.archive
+    }
+
+    fn system_identifier(&self) -> Result<u64, WalError> {
+        let path = self.data_dir.join("global/pg_control");
+        let bytes =
+            std::fs::read(&path).map_err(|e| WalError::Setup(format!("cannot read {}: {e}", path.display())))?;
+        super::header::control_system_identifier(&bytes).map_err(WalError::Setup)
+    }
+
+    /// Pushes one file (the socket's push, and the daemon's own sweeps).
+    pub async fn push(&self, name: &str, plain: Vec<u8>) -> Result<Pushed, WalError> {
+        let r = match self.system_identifier() {
+            Ok(sysid) => self.archive.push(name, plain, sysid).await,
+            Err(e) => Err(e),
+        };
+        let mut s = self.stats.lock().expect("stats lock");
+        match &r {
+            Ok(p) => {
+                if *p == Pushed::Archived {
+                    s.archived += 1
+                } else {
+                    s.already_archived += 1
+                }
+                s.last_archived = Some(name.to_string());
+                s.last_archived_at = Some(crate::units::now_rfc3339());
+            }
+            Err(e) => {
+                s.failed += 1;
+                s.last_failure = Some(e.to_string());
+                s.last_failure_at = Some(crate::units::now_rfc3339());
+                drop(s);
+                (self.on_failure)(e);
+            }
+        }
+        r
+    }
+
+    /// Fetches one file for recovery: Ok(None) only when the archive does not have it and it is
+    /// not a segment the plan requires. Transient S3 errors are retried for up to `retry_for`.
+    pub async fn fetch(self: &Arc<Self>, name: &str, retry_for: Duration) -> Result<Option<Vec<u8>>, WalError> {
+        let file = self.archive.parse(name)?;
+        if let Some(hit) = self.cache.lock().expect("cache lock").remove(name) {
+            self.prefetch_after(&file);
+            return Ok(Some(hit));
+        }
+        let plan = self.plan.lock().expect("plan lock").clone();
+        let sysid = plan.as_ref().map(|p| p.system_identifier);
+        let r = fetch_retrying(&self.archive, name, sysid, retry_for).await?;
+        if let (None, Some(plan), WalFile::Segment(s)) = (&r, &plan, &file) {
+            if plan.required.contains(s) {
+                return Err(WalError::Foreign {
+                    name: name.into(),
+                    why: "the chain check found it, but it is gone from the archive now: recovery stops here rather \
+                          than end early"
+                        .into(),
+                });
+            }
+        }
+        if r.is_some() {
+            self.stats.lock().expect("stats lock").fetched += 1;
+            self.prefetch_after(&file);
+        }
+        Ok(r)
+    }
+
+    /// Starts fetching the next segments of the plan into the cache.
+    fn prefetch_after(self: &Arc<Self>, file: &WalFile) {
+        let WalFile::Segment(s) = file else { return };
+        let plan = self.plan.lock().expect("plan lock").clone();
+        let Some(plan) = plan else { return };
+        let mut next = *s;
+        for _ in 0..self.prefetch {
+            next = next.next();
+            if !plan.required.contains(&next) {
+                break;
+            }
+            let name = next.file_name(self.archive.segment_size);
+            if self.cache.lock().expect("cache lock").contains_key(&name) {
+                continue;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Ok(Some(bytes)) = me.archive.fetch(&name, Some(plan.system_identifier)).await {
+                    let mut cache = me.cache.lock().expect("cache lock");
+                    if cache.len() < me.prefetch + 1 {
+                        cache.insert(name, bytes);
+                    }
+                }
+            });
+        }
+    }
+}
+
+async fn fetch_retrying(
+    archive: &Archive,
+    name: &str,
+    sysid: Option<u64>,
+    retry_for: Duration,
+) -> Result<Option<Vec<u8>>, WalError> {
+    let end = tokio::time::Instant::now() + retry_for;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match archive.fetch(name, sysid).await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < end => {
+                warn!("{e}; retrying in {} ms", wait.as_millis());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Listens on `path` (replacing a stale socket) until `cancel`.
+pub async fn serve(server: Arc<WalServer>, path: PathBuf, cancel: CancellationToken) -> Result<(), std::io::Error> {
+    let path = path.as_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    // Anyone may connect; the peer's uid decides (root and PostgreSQL's user only).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    info!(socket = %path.display(), "WAL socket listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => { warn!("WAL socket: accept: {e}"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            },
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(&server, stream).await {
+                warn!("WAL socket: {e}");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+async fn answer(w: &mut (impl AsyncWriteExt + Unpin), a: &Answer, body: Option<&[u8]>) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(a).expect("an answer serializes");
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    if let Some(b) = body {
+        w.write_all(b).await?;
+    }
+    w.flush().await
+}
+
+async fn handle(server: &Arc<WalServer>, stream: UnixStream) -> Result<(), String> {
+    let uid = stream.peer_cred().map_err(|e| format!("peer credentials: {e}"))?.uid();
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line).await.map_err(|e| e.to_string())?;
+    // Refused after the request line (so the client reads the answer, not a broken pipe), before
+    // anything else is read or done.
+    if !server.allowed_uids.contains(&uid) {
+        let a = Answer { error: format!("uid {uid} may not use the WAL socket"), ..Default::default() };
+        let _ = answer(&mut w, &a, None).await;
+        return Err(format!("refused a client with uid {uid}"));
+    }
+    let req: Request = match serde_json::from_slice(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let a = Answer { error: format!("not a request: {e}"), ..Default::default() };
+            let _ = answer(&mut w, &a, None).await;
+            return Err("a malformed request".into());
+        }
+    };
+    match req {
+        Request::Push { name, bytes } => {
+            let max = server.archive.segment_size.max(super::archive::MAX_TEXT_FILE as u64);
+            if bytes > max {
+                let a = Answer { error: format!("{bytes} bytes is more than a WAL file holds"), ..Default::default() };
+                return answer(&mut w, &a, None).await.map_err(|e| e.to_string());
+            }
+            let mut plain = vec![0u8; bytes as usize];
+            r.read_exact(&mut plain).await.map_err(|e| format!("reading {name}: {e}"))?;
+            let a = match server.push(&name, plain).await {
+                Ok(p) => Answer { ok: true, pushed: Some(p), ..Default::default() },
+                Err(e) => Answer { error: e.to_string(), ..Default::default() },
+            };
+            answer(&mut w, &a, None).await.map_err(|e| e.to_string())
+        }
+        Request::Fetch { name } => match server.fetch(&name, Duration::from_secs(60)).await {
+            Ok(Some(bytes)) => {
+                let a = Answer { ok: true, found: true, bytes: bytes.len() as u64, ..Default::default() };
+                answer(&mut w, &a, Some(&bytes)).await.map_err(|e| e.to_string())
+            }
+            Ok(None) => {
+                answer(&mut w, &Answer { ok: true, ..Default::default() }, None).await.map_err(|e| e.to_string())
+            }
+            Err(e) => {
+                let a = Answer { error: e.to_string(), ..Default::default() };
+                answer(&mut w, &a, None).await.map_err(|e| e.to_string())
+            }
+        },
+    }
+}
