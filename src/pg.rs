@@ -39,12 +39,14 @@ pub struct PgTarget {
     pub port: u16,
     /// The OS user, also the database role (peer authentication).
     pub user: String,
+    /// Where the client tools are (None: found on PATH).
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl PgTarget {
     /// The configured PostgreSQL service, as caretaker connects to it.
     pub fn new(p: &crate::config::PostgresService) -> Self {
-        PgTarget { socket_dir: p.socket_dir.clone(), port: p.port, user: p.user.clone() }
+        PgTarget { socket_dir: p.socket_dir.clone(), port: p.port, user: p.user.clone(), bin_dir: p.bin_dir.clone() }
     }
 
     /// Drops `database` if it exists, ending its sessions.
@@ -90,7 +92,10 @@ impl PgTarget {
     /// dropped; stdout and stderr piped, stdin null (callers change what they need).
     pub fn tool(&self, program: &str) -> Result<tokio::process::Command, PgError> {
         let user = User::from_name(&self.user).ok().flatten().ok_or_else(|| PgError::NoUser(self.user.clone()))?;
-        let mut cmd = tokio::process::Command::new(program);
+        let mut cmd = match &self.bin_dir {
+            Some(dir) => tokio::process::Command::new(dir.join(program)),
+            None => tokio::process::Command::new(program),
+        };
         cmd.uid(user.uid.as_raw())
             .gid(user.gid.as_raw())
             .current_dir("/")

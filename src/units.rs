@@ -31,6 +31,11 @@ pub fn now_rfc3339() -> String {
 }
 
 /// Now in RFC 3339, UTC, with microseconds (records that must order events within a second).
+/// `t` in RFC 3339 with microseconds, UTC.
+pub fn rfc3339_micros(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
 pub fn now_rfc3339_micros() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }

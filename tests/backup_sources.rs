@@ -72,7 +72,7 @@ fn start_pg() -> Pg {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let target = PgTarget { socket_dir: sock.clone(), port, user: "postgres".into() };
+    let target = PgTarget { socket_dir: sock.clone(), port, user: "postgres".into(), bin_dir: None };
     let end = Instant::now() + Duration::from_secs(30);
     while !sock.join(format!(".s.PGSQL.{port}")).exists() {
         assert!(Instant::now() < end, "postgres did not start");

@@ -2,12 +2,16 @@
 
 /// The alert emails of backups and drills.
 pub mod alerts;
+/// Physical base backups (pg_basebackup), the start of point-in-time recovery.
+pub mod base;
 /// The way back: S3 → age → zstd → a sink, hashed.
 pub mod fetch;
 /// What jobs create beside the live data, recorded so that a killed job leaves nothing behind.
 pub mod leftovers;
 /// Migration from an external PostgreSQL: copy, prove equal, then swap.
 pub mod migrate;
+/// Point-in-time restore: base backup + WAL into a new data directory, verified, swapped in.
+pub mod pitr;
 /// PostgreSQL: one snapshot for the dump and exact row counts.
 pub mod postgres;
 /// Redis: a fresh, successful BGSAVE and its RDB file.

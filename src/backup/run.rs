@@ -21,6 +21,9 @@ pub const MANIFEST: &str = "manifest.json";
 pub enum Kind {
     Postgres,
     Redis,
+    /// A physical base backup of the PostgreSQL cluster (`pg_basebackup` tar), the start of
+    /// point-in-time recovery with the WAL archive.
+    Base,
 }
 
 impl Kind {
@@ -39,12 +42,14 @@ impl Kind {
         match self {
             Kind::Postgres => "postgres",
             Kind::Redis => "redis",
+            Kind::Base => "base",
         }
     }
     pub fn parse(s: &str) -> Option<Kind> {
         match s {
             "postgres" => Some(Kind::Postgres),
             "redis" => Some(Kind::Redis),
+            "base" => Some(Kind::Base),
             _ => None,
         }
     }
@@ -241,6 +246,51 @@ pub async fn backup(
                 serde_json::json!({ "dbsize": saved.dbsize, "lastsave": saved.lastsave, "rdb": saved.rdb_path });
             let status = std::process::ExitStatus::default();
             (format!("redis {}", saved.redis_version), saved.redis_version.clone(), status, pending, details)
+        }
+        Kind::Base => {
+            let target = crate::pg::PgTarget::new(&cfg.services.postgres);
+            let facts = super::base::before(&target).await.map_err(BackupError::Setup)?;
+            let mut child = target
+                .tool("pg_basebackup")
+                .map_err(|e| BackupError::Setup(e.to_string()))?
+                .args(super::base::args(&target, &id))
+                .spawn()
+                .map_err(|e| BackupError::Setup(format!("cannot run pg_basebackup: {e}")))?;
+            progress(format!("base: pg_basebackup streaming to s3://{bucket}/{data_key}"));
+            let stdout = child.stdout.take().expect("piped");
+            crate::fsutil::grow_pipe(&stdout);
+            let err_task = crate::pg::collect_stderr(child.stderr.take());
+            let scan = std::sync::Arc::new(std::sync::Mutex::new(super::base::TarScan::default()));
+            let watched = super::base::Watched { inner: stdout, scan: scan.clone() };
+            let pending = upload(s3, &bucket, &data_key, watched, stream_cfg.clone(), on_part).await;
+            let status =
+                child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_basebackup: {e}")))?;
+            let stderr = err_task.await.unwrap_or_default();
+            let pending = pending?;
+            if !status.success() {
+                let _ = pending.abort().await;
+                return Err(BackupError::Producer {
+                    producer: "pg_basebackup".into(),
+                    status: status.to_string(),
+                    stderr,
+                });
+            }
+            let tar = scan.lock().map(|s| s.facts.clone()).unwrap_or_default();
+            let details = match super::base::details(&facts, &tar) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = pending.abort().await;
+                    return Err(BackupError::Setup(format!("base: {e}")));
+                }
+            };
+            let version = tool_version(
+                &target
+                    .bin_dir
+                    .as_ref()
+                    .map_or("pg_basebackup".into(), |d| d.join("pg_basebackup").display().to_string()),
+            )
+            .await;
+            ("pg_basebackup".to_string(), version, status, pending, details)
         }
     };
     let manifest = Manifest {

@@ -33,6 +33,9 @@ pub struct PostgresService {
     pub initdb: PathBuf,
     /// Arguments for initdb besides `-D DIR`.
     pub initdb_args: Vec<String>,
+    /// The folder of pg_dump, pg_restore, pg_basebackup (unset: found on PATH). The server
+    /// binaries a point-in-time restore runs are taken from this folder, else from initdb's.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for PostgresService {
@@ -47,6 +50,7 @@ impl Default for PostgresService {
             initdb_args: ["--encoding=UTF8", "--locale=C.UTF-8", "--auth-local=peer", "--auth-host=scram-sha-256"]
                 .map(String::from)
                 .to_vec(),
+            bin_dir: None,
         }
     }
 }

@@ -210,6 +210,9 @@ pub fn restore_job(cfg: Config, systemd: Systemd, kind: Kind, backup: String, ta
                             r.kept.map(|k| format!("; the previous database is kept as {k}")).unwrap_or_default()
                         ))
                     }
+                    Kind::Base => Err("a base backup is restored to a point in time: `caretaker restore postgres \
+                                       --to-time TIME` or `--to-latest`"
+                        .to_string()),
                     Kind::Redis => {
                         let r = crate::backup::restore::restore_redis(&cfg, &s3, &systemd, &backup, &progress)
                             .await
