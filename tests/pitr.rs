@@ -194,3 +194,78 @@ async fn pitr_on_postgresql_16() {
 async fn pitr_on_postgresql_17() {
     restore_to_a_second_and_to_the_end(17).await;
 }
+
+/// Faults, on 15: an S3 outage while recovery fetches segments does not end it early; a corrupted
+/// segment aborts recovery (named) and leaves nothing; a missing one is refused before anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_during_and_before_a_restore_never_end_recovery_early() {
+    use caretaker_testkit::proxy::{DOWN, Proxy, UP};
+    let r = rig(15).await;
+    let target = PgTarget::new(&r.cfg.services.postgres);
+    let c = target.connect("app", Duration::from_secs(10)).await.unwrap();
+    c.batch_execute("CREATE TABLE rows(id int PRIMARY KEY, pad text)").await.unwrap();
+    run::backup(&r.cfg, &r.direct, Kind::Base, "i-test", |_| {}).await.unwrap();
+    // Several segments' worth of rows, each segment closed.
+    for i in 0..4 {
+        c.execute(
+            "INSERT INTO rows SELECT g, repeat('x', 200) FROM generate_series($1::int, $1::int + 9999) g",
+            &[&(i * 10_000 + 1)],
+        )
+        .await
+        .unwrap();
+        r.pg.sql("SELECT pg_switch_wal()");
+    }
+    archived_through_current(&r.pg);
+
+    // S3 down for a few seconds once the base backup is in place: fetches are retried, recovery
+    // replays every row.
+    let proxy = Arc::new(Proxy::start(r._moto.port()));
+    let through = s3_at(&format!("http://127.0.0.1:{}", proxy.port), None).await;
+    let archive = Archive::for_config(&r.cfg, through.clone()).unwrap();
+    let plan = pitr::plan(&r.cfg, &r.direct, &archive, Target::Latest).await.unwrap();
+    assert!(plan.chain.segments.len() >= 4, "{:?}", plan.chain);
+    let one = room(&r.pg.dir, "one");
+    let p = proxy.clone();
+    let outage = move |line: String| {
+        eprintln!("{line}");
+        if line.contains("extracted") {
+            p.set(DOWN);
+            let p = p.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(4));
+                p.set(UP);
+            });
+        }
+    };
+    let built = pitr::build(&r.cfg, &through, archive, &plan, &one.join("data"), &r.tools(), &outage).await.unwrap();
+    assert_eq!(built.row_counts.get("public.rows"), Some(&40_000), "recovery must not end at the outage: {built:?}");
+
+    // A corrupted segment in the middle: recovery stops there, the error names it, the copy is gone.
+    let middle: Vec<_> = plan.chain.segments.iter().collect();
+    let victim = middle[middle.len() / 2].file_name(16 << 20);
+    let key = format!("caretaker/wal/{victim}.zst.age");
+    let original = r.direct.get_object("backups", &key).await.unwrap().unwrap();
+    let mut damaged = original.clone();
+    let n = damaged.len() - 100;
+    damaged[n] ^= 0x55;
+    r.direct.put_object("backups", &key, damaged).await.unwrap();
+    let archive = r.archive().await;
+    let plan = pitr::plan(&r.cfg, &r.direct, &archive, Target::Latest).await.unwrap();
+    let two = room(&r.pg.dir, "two");
+    let e = pitr::build(&r.cfg, &r.direct, archive, &plan, &two.join("data"), &r.tools(), &|l| eprintln!("{l}"))
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&victim) && msg.contains("live data is unchanged"), "{msg}");
+    assert!(!two.join("data").exists(), "a failed build leaves nothing");
+
+    // The segment missing altogether: refused before anything is created, the gap named.
+    r.direct.delete_object("backups", &key).await.unwrap();
+    let archive = r.archive().await;
+    let e = pitr::plan(&r.cfg, &r.direct, &archive, Target::Latest).await.unwrap_err();
+    assert!(matches!(e, PitrError::Refused(_)), "{e}");
+    assert!(e.to_string().contains(&format!("{victim} is missing")), "{e}");
+    let w = pitr::window(&r.cfg, &r.direct, &archive).await.unwrap();
+    assert_eq!(w.gap.as_ref().map(|g| g.0.clone()), Some(victim.clone()), "{w:?}");
+    r.cancel.cancel();
+}

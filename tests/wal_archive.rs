@@ -3,10 +3,8 @@
 //! cluster, never overwritten, fetched back only when sealed and intact, bounded in time, and
 //! nothing skipped across an S3 outage.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use caretaker::aws::s3::S3;
@@ -16,59 +14,10 @@ use caretaker::backup::wal::server::{WalServer, serve};
 use caretaker::config::AwsConfig;
 use caretaker_testkit::moto::Moto;
 use caretaker_testkit::pg::Cluster;
+use caretaker_testkit::proxy::{BLACK_HOLE, DOWN, Proxy, UP};
 use caretaker_testkit::wait_until;
 
 const CARETAKER: &str = env!("CARGO_BIN_EXE_caretaker");
-
-/// A TCP forwarder to moto that can be switched off (connections refused at once) or made a
-/// black hole (connections accepted, never answered).
-struct Proxy {
-    port: u16,
-    mode: Arc<AtomicU8>,
-}
-const UP: u8 = 0;
-const DOWN: u8 = 1;
-const BLACK_HOLE: u8 = 2;
-
-impl Proxy {
-    fn start(target: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mode = Arc::new(AtomicU8::new(UP));
-        let m = mode.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(client) = conn else { continue };
-                match m.load(Ordering::SeqCst) {
-                    DOWN => drop(client),
-                    BLACK_HOLE => {
-                        std::thread::spawn(move || {
-                            std::thread::sleep(Duration::from_secs(600));
-                            drop(client)
-                        });
-                    }
-                    _ => {
-                        let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
-                        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                        let (mut c, mut s) = (client, server);
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut c, &mut s);
-                            let _ = s.shutdown(std::net::Shutdown::Write);
-                        });
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut s2, &mut c2);
-                            let _ = c2.shutdown(std::net::Shutdown::Write);
-                        });
-                    }
-                }
-            }
-        });
-        Proxy { port, mode }
-    }
-    fn set(&self, mode: u8) {
-        self.mode.store(mode, Ordering::SeqCst);
-    }
-}
 
 async fn s3_at(endpoint: &str, create: Option<&str>) -> S3 {
     let aws = AwsConfig { s3_endpoint: Some(endpoint.into()), ..AwsConfig::default() };

@@ -12,6 +12,8 @@ pub mod moto;
 pub mod pg;
 /// Free TCP ports on loopback and other small helpers.
 pub mod ports;
+/// A TCP forwarder that can fail on request.
+pub mod proxy;
 /// SSM Run Command simulated: document parameters checked and substituted as SSM does, run with `sh`.
 pub mod ssmdoc;
 

@@ -159,7 +159,10 @@ impl WalServer {
     /// not a segment the plan requires. Transient S3 errors are retried for up to `retry_for`.
     pub async fn fetch(self: &Arc<Self>, name: &str, retry_for: Duration) -> Result<Option<Vec<u8>>, WalError> {
         let file = self.archive.parse(name)?;
-        if let Some(hit) = self.cache.lock().expect("cache lock").remove(name) {
+        // (The guard must be gone before prefetch_after locks the cache again.)
+        let hit = self.cache.lock().expect("cache lock").remove(name);
+        if let Some(hit) = hit {
+            self.stats.lock().expect("stats lock").fetched += 1;
             self.prefetch_after(&file);
             return Ok(Some(hit));
         }
