@@ -182,8 +182,9 @@ backups are untouched. Progress lines go to stdout (plain lines when it is not a
 captures). Exit 0 on success, 1 on failure, 3 when the daemon is unreachable."
     )]
     Now {
-        /// What to back up.
-        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
+        /// What to back up: all (postgres, redis, and base when backup.wal-archive is on), or one
+        /// kind. base: a physical base backup (pg_basebackup), the start of point-in-time recovery.
+        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis", "base"])]
         kind: String,
     },
     /// Delete backups beyond retention (backup.keep-daily, keep-weekly); --dry-run only lists them.
@@ -210,12 +211,12 @@ sends one alert email. Exit 0 when every drill passed.")]
         /// The backup id (from `caretaker backup list`), or latest.
         #[arg(default_value = "latest", value_name = "ID|latest")]
         id: String,
-        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
+        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis", "base"])]
         kind: String,
     },
     /// List backups (those with a manifest), oldest first.
     List {
-        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis"])]
+        #[arg(long, default_value = "all", value_parser = ["all", "postgres", "redis", "base"])]
         kind: String,
         /// Print JSON (the manifests).
         #[arg(long)]
@@ -232,14 +233,31 @@ DB_restore_TIMESTAMP; the hashes of what was read are checked against the manife
 against the counts taken in the dump's snapshot. Any mismatch or error drops the new database and changes nothing. \
 Only then: the API is stopped, sessions on DB are ended, DB is renamed DB_pre_restore_TIMESTAMP (kept) and the new \
 database renamed DB in one transaction, the API is started and health-gated; if the gate fails the swap is undone. \
-Kept databases: `caretaker restore list-kept`, `caretaker restore drop-kept NAME`. Exit 0 on success.")]
+Kept databases: `caretaker restore list-kept`, `caretaker restore drop-kept NAME`. Exit 0 on success.
+
+With --to-time TIME or --to-latest (point-in-time recovery; needs backup.wal-archive and a base backup): the \
+newest base backup that ended before TIME on the archive's timeline ancestry is chosen and the whole WAL chain from \
+it checked present in S3 — a gap, or a TIME outside the window (printed), is refused before anything is touched. \
+The cluster is rebuilt in a new data directory beside the live one (DATA.pitr-TIMESTAMP; room is checked first), \
+recovered by a PostgreSQL of caretaker's own (restore_command = caretaker wal fetch; an S3 error is retried and \
+then aborts recovery, never ends it early), and checked: where recovery stopped, the last replayed commit, and the \
+application's tables answering. Only then are the API and PostgreSQL stopped, DATA renamed DATA.before-pitr-\
+TIMESTAMP (kept), the new directory renamed DATA, PostgreSQL started (on a new timeline) and the API \
+health-gated; a failed gate puts the old directory back.")]
     Postgres {
         /// The backup id (from `caretaker backup list`), or latest.
-        #[arg(long, default_value = "latest", value_name = "ID|latest")]
+        #[arg(long, default_value = "latest", value_name = "ID|latest", conflicts_with_all = ["to_time", "to_latest"])]
         backup: String,
         /// The database to replace (default: backup.database).
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["to_time", "to_latest"])]
         target_db: Option<String>,
+        /// Point-in-time recovery of the whole cluster: every transaction committed at or before
+        /// this UTC time ("2026-12-01 14:03:07Z"), none after. See below.
+        #[arg(long, value_name = "TIME", conflicts_with = "to_latest")]
+        to_time: Option<String>,
+        /// Point-in-time recovery of the whole cluster to the newest archived WAL.
+        #[arg(long)]
+        to_latest: bool,
     },
     /// Restore a Redis backup: verify the RDB, keep the current one aside, swap, check DBSIZE.
     #[command(long_about = "Ask the daemon to restore a Redis backup (a job): the RDB is downloaded next to the \

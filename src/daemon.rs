@@ -139,10 +139,14 @@ async fn start_background(
     systemd: Option<crate::systemd::manager::Systemd>,
     services: watch::Sender<Vec<ServiceStatus>>,
     jobs: Arc<Jobs>,
+    status: Arc<Mutex<DaemonStatus>>,
     cancel: CancellationToken,
 ) {
     let alerts = build_alerts(&cfg).await;
     jobs.set_alerts(alerts.clone());
+    if cfg.backup.bucket.is_some() {
+        tokio::spawn(serve_wal(cfg.clone(), alerts.clone(), systemd.clone(), status, cancel.clone()));
+    }
     reconcile_releases(&cfg, systemd.as_ref(), &alerts).await;
     if cfg.backup.bucket.is_some() {
         // Leftovers of a killed restore or drill; postgres may come up only once supervision starts it.
@@ -166,6 +170,114 @@ async fn start_background(
         }
         None if cfg.supervise.enabled => error!("supervision disabled: cannot talk to systemd"),
         _ => info!("supervision is off (supervise.enabled = false)"),
+    }
+}
+
+/// The WAL socket (PostgreSQL's archive_command) and its monitor, until `cancel`. Without the
+/// keys or S3 it says why and retries: PostgreSQL keeps the WAL meanwhile.
+async fn serve_wal(
+    cfg: Arc<crate::config::Config>,
+    alerts: crate::notify::Alerts,
+    systemd: Option<crate::systemd::manager::Systemd>,
+    status: Arc<Mutex<DaemonStatus>>,
+    cancel: CancellationToken,
+) {
+    use crate::backup::wal::{archive::Archive, archive::WalError, monitor, server};
+    if !cfg.backup.wal_archive {
+        // Turned off: take back an archive_command caretaker set, or WAL would pile up for a
+        // socket nobody serves.
+        ensure_archiving(&cfg, systemd.as_ref(), None, &cancel).await;
+        return;
+    }
+    let archive = loop {
+        let made = match crate::backup::run::s3_for(&cfg).await {
+            Ok(s3) => Archive::for_config(&cfg, s3).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match made {
+            Ok(a) => break a,
+            Err(e) => {
+                error!("WAL archiving cannot start: {e}; PostgreSQL keeps its WAL until it can (retrying in 60 s)");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+            }
+        }
+    };
+    let mut allowed = vec![0];
+    if let Ok(Some(u)) = nix::unistd::User::from_name(&cfg.services.postgres.user) {
+        allowed.push(u.uid.as_raw());
+    }
+    let hook_alerts = alerts.clone();
+    let server = Arc::new(server::WalServer::new(archive, &cfg.services.postgres.data_dir, allowed).with_failure_hook(
+        move |e| {
+            warn!("WAL archiving: {e}");
+            if matches!(e, WalError::Conflict { .. }) {
+                hook_alerts
+                    .open(crate::backup::alerts::WAL_CONFLICT, crate::backup::alerts::wal_conflict(&e.to_string()));
+            }
+        },
+    ));
+    let socket = cfg.backup.wal_socket.clone();
+    let serving = tokio::spawn(server::serve(server.clone(), socket.clone(), cancel.clone()));
+    let command = crate::supervise::provision::wal_push_command(&socket);
+    {
+        let (cfg, systemd, cancel) = (cfg.clone(), systemd.clone(), cancel.clone());
+        tokio::spawn(async move { ensure_archiving(&cfg, systemd.as_ref(), Some(&command), &cancel).await });
+    }
+    let publish = move |w: monitor::WalStatus| status.lock().unwrap_or_else(|p| p.into_inner()).wal = Some(w);
+    monitor::run((*cfg).clone(), server, alerts, publish, cancel).await;
+    if let Ok(Err(e)) = serving.await {
+        error!("the WAL socket stopped: {e}");
+    }
+}
+
+/// PostgreSQL's archiving settings as configured (ALTER SYSTEM), once PostgreSQL answers; a
+/// restart of its unit when archive_mode changed (once: at the first start with PITR on).
+async fn ensure_archiving(
+    cfg: &crate::config::Config,
+    systemd: Option<&crate::systemd::manager::Systemd>,
+    command: Option<&str>,
+    cancel: &CancellationToken,
+) {
+    let target = crate::pg::PgTarget::new(&cfg.services.postgres);
+    let timeout = cfg.backup.archive_timeout.get().as_secs();
+    loop {
+        match crate::supervise::provision::archiving(&target, command, timeout).await {
+            Ok(a) if a.restart_needed => {
+                let unit = cfg.services.postgres.unit.to_string();
+                let Some(systemd) = systemd else {
+                    error!(
+                        "WAL archiving: archive_mode changed, but {unit} cannot be restarted (no systemd): restart it"
+                    );
+                    return;
+                };
+                let _hold = crate::maintenance::hold(&unit, "restarting once for archive_mode (WAL archiving)");
+                warn!(
+                    "restarting {unit} once: archive_mode changed (WAL archiving {})",
+                    if command.is_some() { "on" } else { "off" }
+                );
+                match systemd.restart(&unit, cfg.supervise.start_timeout.get()).await {
+                    Ok(out) if out.state.is_active() => {
+                        info!("{unit} restarted: WAL archiving is {}", if command.is_some() { "on" } else { "off" })
+                    }
+                    Ok(out) => {
+                        error!("{unit} did not come back after the archive_mode restart: {}", out.state.active_state)
+                    }
+                    Err(e) => error!("restarting {unit} for archive_mode: {e}"),
+                }
+                return;
+            }
+            Ok(_) => return,
+            Err(e) => {
+                info!("WAL archiving settings not applied yet: {e}; retrying in 10 s");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+            }
+        }
     }
 }
 
@@ -307,6 +419,8 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         }
     };
     levels.set(loaded.config.daemon.log_level);
+    // Builds older than this start are an interrupted restore's leftovers.
+    let _ = crate::backup::pitr::process_started();
     info!(version = crate::VERSION, files = ?file_list(&loaded.files), "caretaker daemon starting");
 
     let status = Arc::new(Mutex::new(DaemonStatus {
@@ -320,6 +434,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         current_job: None,
         recent_jobs: vec![],
         schedule: None,
+        wal: None,
     }));
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(8);
 
@@ -383,7 +498,8 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     {
         let cfg = Arc::new(daemon.loaded.config.clone());
         let (jobs, cancel) = (jobs.clone(), cancel.clone());
-        tasks.spawn(async move { start_background(cfg, systemd, services_tx, jobs, cancel).await });
+        let status = daemon.status.clone();
+        tasks.spawn(async move { start_background(cfg, systemd, services_tx, jobs, status, cancel).await });
     }
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -50,7 +50,16 @@ async fn run(cli: Cli) -> u8 {
         Command::Backup(BackupCommand::List { kind, json }) => backup_list(&sources, &kind, json).await,
         Command::Config(ConfigCommand::Check { path, json }) => config_check(path, sources, json),
         Command::Config(ConfigCommand::Show { json }) => config_show(&sources, json),
-        Command::Restore(RestoreCommand::Postgres { backup, target_db }) => {
+        Command::Restore(RestoreCommand::Postgres { to_time, to_latest, .. }) if to_time.is_some() || to_latest => {
+            let target = to_time.unwrap_or_else(|| "latest".into());
+            if let Err(e) = caretaker::backup::pitr::Target::parse(&target) {
+                eprintln!("error: --to-time {e}");
+                return exit::USAGE;
+            }
+            let bus = cli_bus(&cli.bus_address, &sources);
+            follow_job(&bus, "Restore", move |p| async move { p.restore_to_time(&target).await }).await
+        }
+        Command::Restore(RestoreCommand::Postgres { backup, target_db, .. }) => {
             let bus = cli_bus(&cli.bus_address, &sources);
             let target = target_db.unwrap_or_default();
             follow_job(&bus, "Restore", move |p| async move { p.restore("postgres", &backup, &target).await }).await
@@ -289,7 +298,7 @@ async fn backup_list(sources: &Sources, kind: &str, json: bool) -> u8 {
         }
     };
     use caretaker::backup::run::{self, Kind};
-    let kinds: Vec<Kind> = Kind::parse_set(kind).unwrap_or_default();
+    let kinds: Vec<Kind> = if kind == "all" { Kind::all_for(&cfg) } else { Kind::parse_set(kind).unwrap_or_default() };
     let s3 = match run::s3_for(&cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -398,6 +407,29 @@ async fn status(bus: &Option<String>, args: StatusArgs) -> u8 {
                         sc.next_verify.as_deref().unwrap_or("-"),
                         last(&sc.last_verify, sc.last_verify_ok)
                     );
+                }
+                if let Some(w) = &s.wal {
+                    let lag = w.lag_seconds.map(|l| format!(", newest archived {l} s ago")).unwrap_or_default();
+                    println!(
+                        "  wal:      {} archived ({} already there), {} failed; last {} at {}; {} waiting{lag}",
+                        w.archived,
+                        w.already_archived,
+                        w.failed,
+                        w.last_archived.as_deref().unwrap_or("-"),
+                        w.last_archived_at.as_deref().unwrap_or("-"),
+                        w.ready
+                    );
+                    match (&w.window_oldest, &w.window_newest, &w.window_error) {
+                        (Some(o), Some(n), _) => println!(
+                            "  pitr:     restorable {o} … {n}{} (checked {})",
+                            w.window_gap.as_ref().map(|g| format!("; GAP: {g}")).unwrap_or_default(),
+                            w.window_checked_at.as_deref().unwrap_or("-")
+                        ),
+                        (_, _, Some(e)) => println!("  pitr:     window unknown: {e}"),
+                        _ => {
+                            println!("  pitr:     no base backup with its WAL yet (`caretaker backup now --kind base`)")
+                        }
+                    }
                 }
                 if let Some(job) = &s.current_job {
                     println!("  job:      {} ({}) since {}: {}", job.description, job.id, job.started_at, job.progress);

@@ -269,3 +269,47 @@ async fn faults_during_and_before_a_restore_never_end_recovery_early() {
     assert_eq!(w.gap.as_ref().map(|g| g.0.clone()), Some(victim.clone()), "{w:?}");
     r.cancel.cancel();
 }
+
+/// Retention by position: with a newer base backup verified, the older one and every WAL file
+/// before the newer one's start go; `.history` stays; the newer backup still restores to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_wal_only_below_the_kept_verified_base_backup() {
+    let mut r = rig(15).await;
+    let target = PgTarget::new(&r.cfg.services.postgres);
+    let c = target.connect("app", Duration::from_secs(10)).await.unwrap();
+    c.batch_execute("CREATE TABLE rows(id int PRIMARY KEY)").await.unwrap();
+    let first = run::backup(&r.cfg, &r.direct, Kind::Base, "i-test", |_| {}).await.unwrap();
+    for i in 0..3 {
+        c.execute("INSERT INTO rows SELECT g FROM generate_series($1::int, $1::int + 999) g", &[&(i * 1000 + 1)])
+            .await
+            .unwrap();
+        r.pg.sql("SELECT pg_switch_wal()");
+    }
+    archived_through_current(&r.pg);
+    // Without a verified newer backup nothing goes.
+    r.cfg.backup.keep_daily = 1;
+    r.cfg.backup.keep_weekly = 0;
+    let second = run::backup(&r.cfg, &r.direct, Kind::Base, "i-test", |_| {}).await.unwrap();
+    let reports = run::prune(&r.cfg, &r.direct, true).await.unwrap();
+    let base = reports.iter().find(|p| p.kind == Kind::Base).unwrap();
+    assert!(base.wal_deleted.is_empty(), "nothing verified yet: {:?}", base.wal_deleted);
+    caretaker::backup::verify::verify(&r.cfg, &r.direct, &second, &|_| {}).await.unwrap();
+    let reports = run::prune(&r.cfg, &r.direct, false).await.unwrap();
+    let base = reports.iter().find(|p| p.kind == Kind::Base).unwrap();
+    let d: caretaker::backup::base::BaseDetails = serde_json::from_value(second.details.clone()).unwrap();
+    let start = caretaker::backup::wal::name::Segment::of(1, d.start_lsn, 16 << 20);
+    assert!(!base.wal_deleted.is_empty());
+    assert!(base.wal_deleted.iter().all(|n| n.as_str() < start.file_name(16 << 20).as_str()), "{:?}", base.wal_deleted);
+    assert!(base.decisions.iter().any(|d| d.id == first.id && !d.keep), "{:?}", base.decisions);
+    let archive = r.archive().await;
+    let left = archive.list().await.unwrap();
+    assert!(left.iter().any(|f| matches!(f, caretaker::backup::wal::name::WalFile::Segment(s) if *s == start)));
+    let plan = pitr::plan(&r.cfg, &r.direct, &archive, Target::Latest).await.unwrap();
+    assert_eq!(plan.base.id, second.id);
+    let one = room(&r.pg.dir, "one");
+    let built = pitr::build(&r.cfg, &r.direct, archive, &plan, &one.join("data"), &r.tools(), &|l| eprintln!("{l}"))
+        .await
+        .unwrap();
+    assert_eq!(built.row_counts.get("public.rows"), Some(&3000));
+    r.cancel.cancel();
+}

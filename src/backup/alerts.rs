@@ -85,3 +85,68 @@ fn first_line(s: &str) -> &str {
         None => line,
     }
 }
+
+/// Incident keys of WAL archiving.
+pub const WAL_BACKLOG: &str = "wal:backlog";
+pub const WAL_CONFLICT: &str = "wal:conflict";
+pub const WAL_DISK: &str = "wal:disk";
+pub const WAL_GAP: &str = "wal:gap";
+
+pub fn wal_backlog(ready: usize, lag: Option<u64>, last_failure: &str) -> Alert {
+    let lag = lag.map(|s| format!(", the newest archived segment is {s} s old")).unwrap_or_default();
+    Alert {
+        subject: format!("WAL archiving is behind: {ready} segments wait{lag}"),
+        what_failed: format!(
+            "{ready} WAL segments are waiting to be archived to S3{lag}. Last error: {}",
+            if last_failure.is_empty() { "none reported (is caretaker.service running?)" } else { last_failure }
+        ),
+        what_done: "PostgreSQL keeps every segment that was not acknowledged and archive_command keeps retrying; \
+                    nothing is skipped."
+            .into(),
+        what_safe: "At risk: the commits in those segments exist only on this box's data volume. Losing the volume \
+                    now loses them; point-in-time recovery ends at the newest archived segment."
+            .into(),
+        next: "caretaker status; caretaker doctor (S3 reachable? credentials?); journalctl -u caretaker -u postgresql -n 100"
+            .into(),
+    }
+}
+
+pub fn wal_conflict(error: &str) -> Alert {
+    Alert {
+        subject: "WAL archive conflict: an archived segment differs from PostgreSQL's".into(),
+        what_failed: format!("Archiving refused to overwrite an object: {error}"),
+        what_done: "Nothing was overwritten. PostgreSQL keeps the segment and retries; archiving is stuck until this \
+                    is resolved."
+            .into(),
+        what_safe: "The archive is intact. Two clusters may be writing into one backup prefix (an old instance still \
+                    running, or a restored copy): only one may."
+            .into(),
+        next: "Stop the other writer (check other instances of this deployment); then see README 'WAL archive \
+               conflict'."
+            .into(),
+    }
+}
+
+pub fn wal_disk(pg_wal: u64, free: u64) -> Alert {
+    Alert {
+        subject: "pg_wal is growing toward the volume's free space".into(),
+        what_failed: format!(
+            "pg_wal holds {} and the data volume has {} free: unarchived WAL is piling up",
+            crate::units::human_bytes(pg_wal),
+            crate::units::human_bytes(free)
+        ),
+        what_done: "Nothing yet: PostgreSQL stops accepting writes when the volume fills.".into(),
+        what_safe: "Archived WAL and backups in S3 are intact.".into(),
+        next: "Fix archiving first (caretaker status, journalctl -u caretaker); grow the volume if it must wait".into(),
+    }
+}
+
+pub fn wal_gap(gap: &str) -> Alert {
+    Alert {
+        subject: "the WAL archive has a gap: point-in-time recovery cannot pass it".into(),
+        what_failed: format!("The chain check found {gap}"),
+        what_done: "Nothing: a restore refuses to replay across a gap (it would end early and lose data).".into(),
+        what_safe: "Restores to times before the gap still work; the logical dumps are unaffected.".into(),
+        next: "Take a base backup now (`caretaker backup now --kind base`): the window restarts from it".into(),
+    }
+}

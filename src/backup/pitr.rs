@@ -661,6 +661,32 @@ async fn stop_child(child: &mut tokio::process::Child) -> Result<(), String> {
     }
 }
 
+/// When this process started (a build it runs itself is newer than that).
+pub fn process_started() -> SystemTime {
+    static AT: std::sync::OnceLock<SystemTime> = std::sync::OnceLock::new();
+    *AT.get_or_init(SystemTime::now)
+}
+
+/// Removes what an interrupted build left beside `data_dir` (`NAME.pitr-STAMP`, its `.run`
+/// folder) — never the live directory, never a kept one, never one newer than `since` (a build
+/// running now). Returns what it did.
+pub fn cleanup(data_dir: &Path, since: SystemTime) -> Vec<String> {
+    let (Some(parent), Some(name)) = (data_dir.parent(), data_dir.file_name()) else { return vec![] };
+    let prefix = format!("{}.pitr-", name.to_string_lossy());
+    let mut done = Vec::new();
+    for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n.strip_prefix(&prefix) else { continue };
+        let stamp = rest.strip_suffix(".run").unwrap_or(rest);
+        let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < since);
+        if super::leftovers::is_stamp(stamp) && old && e.path() != data_dir && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            done.push(format!("removed {} left by an interrupted point-in-time restore", e.path().display()));
+        }
+    }
+    done
+}
+
 /// Puts the built copy in place of the live data directory (see the module's step 4). Returns
 /// where the old directory is kept.
 pub async fn swap_in(
@@ -747,6 +773,37 @@ pub async fn swap_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cleanup_removes_only_interrupted_builds_older_than_the_process() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("postgres");
+        for n in [
+            "postgres",
+            "postgres.pitr-20261201_140307",
+            "postgres.pitr-20261201_140307.run",
+            "postgres.before-pitr-20261201_140307",
+            "postgres.pitr-junk",
+            "other.pitr-20261201_140307",
+        ] {
+            std::fs::create_dir_all(d.path().join(n)).unwrap();
+        }
+        // Nothing is older than a start in the past: a build running now is left alone.
+        assert!(cleanup(&data, SystemTime::UNIX_EPOCH).is_empty());
+        let done = cleanup(&data, SystemTime::now() + Duration::from_secs(5));
+        assert_eq!(done.len(), 2, "{done:?}");
+        let left: std::collections::BTreeSet<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            ["other.pitr-20261201_140307", "postgres", "postgres.before-pitr-20261201_140307", "postgres.pitr-junk"]
+                .map(String::from)
+                .into()
+        );
+    }
 
     #[test]
     fn targets_parse_in_utc_only() {

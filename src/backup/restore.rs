@@ -232,6 +232,7 @@ pub async fn cleanup_leftovers(cfg: &Config) -> Vec<String> {
         }
         Err(e) => info!("leftover restore databases not checked: postgres unreachable: {e}"),
     }
+    done.extend(super::pitr::cleanup(&cfg.services.postgres.data_dir, super::pitr::process_started()));
     if let Ok(entries) = std::fs::read_dir(&cfg.services.redis.data_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();

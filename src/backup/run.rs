@@ -30,12 +30,22 @@ impl Kind {
     /// Every kind, in backup order.
     pub const ALL: [Kind; 2] = [Kind::Postgres, Kind::Redis];
 
-    /// `all`, `postgres` or `redis` as the kinds they name; `None` for anything else.
+    /// `all`, `postgres`, `redis` or `base` as the kinds they name; `None` for anything else.
+    /// `all` is postgres and redis, and base when WAL archiving is on (`with_base`).
     pub fn parse_set(s: &str) -> Option<Vec<Kind>> {
         match s {
             "all" => Some(Self::ALL.to_vec()),
             k => Kind::parse(k).map(|k| vec![k]),
         }
+    }
+
+    /// The kinds a run of everything covers under `cfg`.
+    pub fn all_for(cfg: &Config) -> Vec<Kind> {
+        let mut v = Self::ALL.to_vec();
+        if cfg.backup.wal_archive {
+            v.push(Kind::Base);
+        }
+        v
     }
 
     pub fn as_str(self) -> &'static str {
@@ -460,6 +470,10 @@ pub struct PruneReport {
     pub dry_run: bool,
     /// Objects under the prefix that are not backups caretaker wrote: never deleted, never counted.
     pub ignored: Vec<Ignored>,
+    /// Base backups: WAL files older than every kept base backup's start (and than the newest
+    /// verified one's), deleted (or, dry, to delete).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wal_deleted: Vec<String>,
 }
 
 /// Applies retention to every kind: deletes what the plan does not keep — the manifest first (so
@@ -470,7 +484,7 @@ pub async fn prune(cfg: &Config, s3: &S3, dry_run: bool) -> Result<Vec<PruneRepo
     let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
     let keys = SealKeys::for_config(cfg)?;
     let mut reports = Vec::new();
-    for kind in [Kind::Postgres, Kind::Redis] {
+    for kind in Kind::all_for(cfg) {
         let Listing { backups: manifests, ignored } = listing_with(cfg, s3, kind, &keys).await?;
         let mut refs = Vec::new();
         for m in &manifests {
@@ -493,9 +507,54 @@ pub async fn prune(cfg: &Config, s3: &S3, dry_run: bool) -> Result<Vec<PruneRepo
                 }
             }
         }
-        reports.push(PruneReport { kind, decisions, dry_run, ignored });
+        let wal_deleted =
+            if kind == Kind::Base { prune_wal(cfg, s3, &manifests, &refs, &decisions, dry_run).await? } else { vec![] };
+        reports.push(PruneReport { kind, decisions, dry_run, ignored, wal_deleted });
     }
     Ok(reports)
+}
+
+/// WAL retention, by position, never by name or time: a WAL file goes only when its segment
+/// number is below the start of every kept base backup and of the newest verified one (so WAL is
+/// deleted only once a newer backup exists and passed its drill). `.history` files are kept always.
+async fn prune_wal(
+    cfg: &Config,
+    s3: &S3,
+    manifests: &[Manifest],
+    refs: &[super::retention::BackupRef],
+    decisions: &[super::retention::Decision],
+    dry_run: bool,
+) -> Result<Vec<String>, BackupError> {
+    use super::wal::name::{self as walname, WalFile};
+    let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
+    let start_of = |id: &str| {
+        let m = manifests.iter().find(|m| m.id == id)?;
+        let d: super::base::BaseDetails = serde_json::from_value(m.details.clone()).ok()?;
+        Some(d.start_lsn.0 / d.segment_size.max(1 << 20))
+    };
+    let kept: Vec<Option<u64>> = decisions.iter().filter(|d| d.keep).map(|d| start_of(&d.id)).collect();
+    let newest_verified = refs.iter().filter(|r| r.verified).max_by_key(|r| r.started).and_then(|r| start_of(&r.id));
+    // No kept backup, one whose start is unreadable, or none verified: nothing is deleted.
+    let (Some(verified), false, false) = (newest_verified, kept.is_empty(), kept.iter().any(Option::is_none)) else {
+        return Ok(vec![]);
+    };
+    let cutoff = kept.iter().flatten().copied().min().unwrap_or(0).min(verified);
+    let segment_size = walname::DEFAULT_SEGMENT_SIZE;
+    let mut deleted = Vec::new();
+    for key in s3.list_keys(&bucket, &walname::folder(&cfg.backup.prefix)).await? {
+        let Some(file) = walname::from_key(&cfg.backup.prefix, &key, segment_size) else { continue };
+        let number = match &file {
+            WalFile::Segment(s) | WalFile::Partial(s) | WalFile::BackupLabel(s, _) => s.number,
+            WalFile::History(_) => continue,
+        };
+        if number < cutoff {
+            if !dry_run {
+                s3.delete_object(&bucket, &key).await?;
+            }
+            deleted.push(file.file_name(segment_size));
+        }
+    }
+    Ok(deleted)
 }
 
 /// The row counts of a postgres manifest.

@@ -256,6 +256,22 @@ pub struct BackupConfig {
     /// this says). A restore that would need more is refused up front; one that gets this close
     /// while it runs is aborted and its new database dropped.
     pub restore_reserve: u64,
+    /// Point-in-time recovery: archive every WAL segment to `PREFIX/wal/` (PostgreSQL's
+    /// archive_command, set by caretaker), take base backups beside the dumps on `schedule`, and
+    /// allow `caretaker restore postgres --to-time`.
+    pub wal_archive: bool,
+    /// PostgreSQL's archive_timeout: a segment is closed and archived at least this often while
+    /// anything is written (the recovery point objective).
+    pub archive_timeout: Seconds,
+    /// The socket archive_command and restore_command talk to.
+    pub wal_socket: PathBuf,
+    /// Alert when this many segments wait to be archived, or when the newest archived one is
+    /// older than `wal-lag-alert` while PostgreSQL writes.
+    pub wal_backlog_alert: usize,
+    pub wal_lag_alert: Seconds,
+    /// How often the WAL chain from the newest base backup is listed and checked for gaps (the
+    /// PITR window in `caretaker status` comes from this check).
+    pub wal_check_interval: Seconds,
 }
 
 impl Default for BackupConfig {
@@ -279,6 +295,12 @@ impl Default for BackupConfig {
             random_delay: Seconds::from_secs(0),
             catch_up_delay: Seconds::from_secs(120),
             restore_reserve: 256 << 20,
+            wal_archive: true,
+            archive_timeout: Seconds::from_secs(60),
+            wal_socket: "/run/caretaker/wal.sock".into(),
+            wal_backlog_alert: 16,
+            wal_lag_alert: Seconds::from_secs(300),
+            wal_check_interval: Seconds::from_secs(3600),
         }
     }
 }

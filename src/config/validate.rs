@@ -149,6 +149,13 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if b.parts_in_flight == 0 || b.parts_in_flight > 32 {
         return Err(fail("backup.parts-in-flight", format!("{} is not 1–32", b.parts_in_flight)));
     }
+    let t = b.archive_timeout.get().as_secs();
+    if !(5..=3600).contains(&t) {
+        return Err(fail("backup.archive-timeout", format!("{t} s is not 5–3600 seconds")));
+    }
+    if !b.wal_socket.is_absolute() || b.wal_socket.as_os_str().len() > 100 {
+        return Err(fail("backup.wal-socket", "must be an absolute path of at most 100 bytes (a unix socket)".into()));
+    }
     for (key, text) in [("backup.schedule", &b.schedule), ("backup.verify-schedule", &b.verify_schedule)] {
         if text != "off"
             && let Err(e) = crate::calendar::Calendar::parse(text)

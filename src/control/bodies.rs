@@ -79,8 +79,21 @@ pub fn prune_job(cfg: Config, dry_run: bool, alerts: Option<Alerts>) -> Body {
                     ctx.phase(&format!("{} {} {verb} {}", r.kind.as_str(), d.id, d.reasons.join(", "))).await;
                     if d.keep { kept += 1 } else { gone += 1 }
                 }
+                if let (Some(first), Some(last)) = (r.wal_deleted.first(), r.wal_deleted.last()) {
+                    let verb = if dry_run { "would delete" } else { "deleted" };
+                    ctx.phase(&format!(
+                        "wal {verb} {} files {first} … {last}: older than every kept base backup",
+                        r.wal_deleted.len()
+                    ))
+                    .await;
+                }
             }
-            Ok(format!("{kept} kept, {gone} {}", if dry_run { "would be deleted" } else { "deleted" }))
+            let wal: usize = reports.iter().map(|r| r.wal_deleted.len()).sum();
+            Ok(format!(
+                "{kept} kept, {gone} {}{}",
+                if dry_run { "would be deleted" } else { "deleted" },
+                if wal > 0 { format!("; {wal} WAL files") } else { String::new() }
+            ))
         })
     })
 }
@@ -225,6 +238,66 @@ pub fn restore_job(cfg: Config, systemd: Systemd, kind: Kind, backup: String, ta
                         ))
                     }
                 }
+            };
+            pump(&ctx, &mut rx, work).await
+        })
+    })
+}
+
+/// Point-in-time restore of the whole cluster to `target`: plan (refused before anything is
+/// touched), room, build and verify beside the live data, swap with PostgreSQL stopped.
+pub fn pitr_job(cfg: Config, systemd: Systemd, target: crate::backup::pitr::Target) -> Body {
+    use crate::backup::pitr;
+    Box::new(move |ctx| {
+        Box::pin(async move {
+            let s3 = crate::backup::run::s3_for(&cfg).await.map_err(|e| e.to_string())?;
+            let (progress, mut rx) = progress_channel();
+            let work = async {
+                let archive = crate::backup::wal::archive::Archive::for_config(&cfg, s3.clone())
+                    .map_err(|e| format!("restore refused, nothing was changed: {e}"))?;
+                progress(format!("pitr: checking the window and the WAL chain for {}", target.describe()));
+                let plan = pitr::plan(&cfg, &s3, &archive, target).await.map_err(|e| e.to_string())?;
+                progress(format!(
+                    "pitr: window {}; base backup {} ({}), {} segments to replay on timeline {}",
+                    plan.window,
+                    plan.base.id,
+                    plan.base.finished_at,
+                    plan.chain.segments.len(),
+                    plan.chain.timeline
+                ));
+                let p = &cfg.services.postgres;
+                let target_pg = crate::pg::PgTarget::new(p);
+                // The copy is about as large as the backup's files, plus the WAL replay writes.
+                let need = plan.base.plain_bytes.saturating_add(plan.base.plain_bytes / 10);
+                crate::backup::room::check(
+                    &target_pg,
+                    &p.data_dir,
+                    cfg.backup.restore_reserve,
+                    need,
+                    &format!("the point-in-time restore from base backup {}", plan.base.id),
+                )
+                .await
+                .map_err(|e| format!("restore refused: {e}"))?;
+                let ts = crate::backup::swap::stamp(SystemTime::now());
+                let dir = pitr::build_dir(&p.data_dir, &ts);
+                let built = pitr::build(&cfg, &s3, archive, &plan, &dir, &pitr::Tools::for_config(&cfg), &progress)
+                    .await
+                    .map_err(|e| format!("restore failed: {e}"))?;
+                let kept = pitr::swap_in(&cfg, &systemd, &built, &ts, &progress)
+                    .await
+                    .map_err(|e| format!("restore failed: {e}"))?;
+                Ok(format!(
+                    "restored PostgreSQL to {} from base backup {} (last commit {}; {}); {} tables, {} rows in {}; \
+                     the previous data directory is kept as {}",
+                    target.describe(),
+                    built.base,
+                    built.last_commit.as_deref().unwrap_or("none replayed"),
+                    built.stopped,
+                    built.tables,
+                    built.rows,
+                    cfg.backup.database,
+                    kept.display()
+                ))
             };
             pump(&ctx, &mut rx, work).await
         })

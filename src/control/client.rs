@@ -29,6 +29,7 @@ pub trait Caretaker1 {
     fn prune(&self, dry_run: bool) -> zbus::Result<String>;
     fn migrate(&self, ssm_param: &str, url_file: &str, swap: bool) -> zbus::Result<String>;
     fn restore(&self, what: &str, backup: &str, target_db: &str) -> zbus::Result<String>;
+    fn restore_to_time(&self, target: &str) -> zbus::Result<String>;
     fn verify(&self, kind: &str, id: &str) -> zbus::Result<String>;
     fn update(&self, version: &str, dry_run: bool, allow_downgrade: bool) -> zbus::Result<String>;
     #[zbus(signal)]

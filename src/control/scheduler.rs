@@ -157,7 +157,7 @@ pub async fn run(
                 &jobs,
                 "backup",
                 "scheduled backup all",
-                || bodies::backup_job(c.clone(), Kind::ALL.to_vec(), a.clone()),
+                || bodies::backup_job(c.clone(), Kind::all_for(&c), a.clone()),
                 &cancel,
             )
             .await;
@@ -183,7 +183,7 @@ pub async fn run(
                 &jobs,
                 "verify",
                 "scheduled verify all latest",
-                || bodies::verify_job(c.clone(), Kind::ALL.to_vec(), "latest".into(), a.clone()),
+                || bodies::verify_job(c.clone(), Kind::all_for(&c), "latest".into(), a.clone()),
                 &cancel,
             )
             .await;

@@ -29,6 +29,9 @@ pub struct DaemonStatus {
     /// The backup schedule: next and last runs (none when backups are not configured).
     #[serde(default)]
     pub schedule: Option<ScheduleStatus>,
+    /// WAL archiving and the point-in-time recovery window (none when off).
+    #[serde(default)]
+    pub wal: Option<crate::backup::wal::monitor::WalStatus>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,3 +105,99 @@ pub async fn provision(
     }
     Ok(report)
 }
+
+/// PostgreSQL's archive_command: the installed caretaker (or this very binary in development).
+pub fn wal_push_command(socket: &Path) -> String {
+    let installed = Path::new("/usr/bin/caretaker");
+    let exe = if installed.exists() {
+        installed.to_path_buf()
+    } else {
+        std::env::current_exe().unwrap_or_else(|_| installed.to_path_buf())
+    };
+    format!("{} wal push --socket {} %p", exe.display(), socket.display())
+}
+
+/// What [`archiving`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Archiving {
+    pub changed: Vec<String>,
+    /// archive_mode takes effect only at a server start.
+    pub restart_needed: bool,
+}
+
+/// Sets PostgreSQL's WAL archiving (ALTER SYSTEM, in postgresql.auto.conf, which base backups
+/// carry): with `command` (`caretaker wal push …`) archive_mode on, archive_command and
+/// archive_timeout as given; without (PITR turned off) both reset — but only an archive_command
+/// caretaker set, never one the operator wrote. Reloads; says whether a restart is needed.
+pub async fn archiving(
+    target: &PgTarget,
+    command: Option<&str>,
+    timeout_secs: u64,
+) -> Result<Archiving, ProvisionError> {
+    let client = target.connect("postgres", Duration::from_secs(30)).await?;
+    let setting = |name: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+                .await
+                .map_err(PgError::Query)?;
+            Ok::<String, ProvisionError>(row.get(0))
+        }
+    };
+    let mut out = Archiving::default();
+    let current_command = setting("archive_command").await?;
+    match command {
+        Some(cmd) => {
+            let wanted = [
+                ("archive_mode", "on".to_string()),
+                ("archive_command", cmd.to_string()),
+                ("archive_timeout", timeout_secs.to_string()),
+            ];
+            for (name, want) in wanted {
+                // pg_settings shows the running value; ALTER SYSTEM's pending one is in the file.
+                if setting(name).await? != want || name == "archive_mode" && !auto_conf_has(&client, name).await {
+                    let value = if name == "archive_timeout" { format!("{want}s") } else { want };
+                    client
+                        .batch_execute(&format!("ALTER SYSTEM SET {name} = {}", quote_literal(&value)))
+                        .await
+                        .map_err(PgError::Query)?;
+                    out.changed.push(name.to_string());
+                }
+            }
+        }
+        None if current_command.contains(" wal push ") => {
+            for name in ["archive_mode", "archive_command", "archive_timeout"] {
+                client.batch_execute(&format!("ALTER SYSTEM RESET {name}")).await.map_err(PgError::Query)?;
+                out.changed.push(name.to_string());
+            }
+        }
+        None => return Ok(out),
+    }
+    if !out.changed.is_empty() {
+        client.batch_execute("SELECT pg_reload_conf()").await.map_err(PgError::Query)?;
+    }
+    let running_mode = setting("archive_mode").await?;
+    out.restart_needed = match command {
+        Some(_) => running_mode == "off",
+        None => running_mode != "off" && out.changed.iter().any(|c| c == "archive_mode"),
+    };
+    if !out.changed.is_empty() {
+        info!(changed = ?out.changed, restart = out.restart_needed, "WAL archiving settings written (ALTER SYSTEM)");
+    }
+    Ok(out)
+}
+
+/// Whether postgresql.auto.conf (ALTER SYSTEM) sets `name` (so a value that comes from
+/// elsewhere is pinned where base backups carry it).
+async fn auto_conf_has(client: &tokio_postgres::Client, name: &str) -> bool {
+    client
+        .query_opt(
+            "SELECT 1 FROM pg_file_settings WHERE name = $1 AND sourcefile LIKE '%postgresql.auto.conf' AND applied",
+            &[&name],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}

@@ -9,6 +9,8 @@ pub mod chain;
 pub mod client;
 /// What a segment's first page says about itself.
 pub mod header;
+/// Watching archiving: backlog, lag, pg_wal, the chain.
+pub mod monitor;
 /// WAL file names, segments and LSNs.
 pub mod name;
 /// One archived file as one sealed S3 object.
