@@ -342,6 +342,7 @@ pub async fn build(
     if dir.exists() {
         return Err(PitrError::Refused(format!("{} exists already", dir.display())));
     }
+    check_server(tools, &plan.details).await?;
     let run = dir.with_file_name(format!("{}.run", dir.file_name().unwrap_or_default().to_string_lossy()));
     let r = build_in(cfg, s3, archive, plan, dir, &run, tools, &user, progress).await;
     let _ = std::fs::remove_dir_all(&run);
@@ -501,6 +502,31 @@ async fn build_in(
         rows,
         row_counts: counts,
     })
+}
+
+/// The server binary exists and is of the base backup's major version (replay needs exactly
+/// that); refused before anything is created otherwise.
+async fn check_server(tools: &Tools, d: &BaseDetails) -> Result<(), PitrError> {
+    let postgres = tools.server_bin.join("postgres");
+    let out = tokio::process::Command::new(&postgres).arg("--version").output().await.map_err(|e| {
+        PitrError::Refused(format!(
+            "cannot run {}: {e} (set services.postgres.bin-dir to the server's folder)",
+            postgres.display()
+        ))
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "postgres (PostgreSQL) 16.4" → 16
+    let major = text.split_whitespace().nth(2).and_then(|v| v.split('.').next()).and_then(|m| m.parse::<i32>().ok());
+    let wanted = d.server_version_num / 10_000;
+    if major != Some(wanted) {
+        return Err(PitrError::Refused(format!(
+            "the base backup is of PostgreSQL {wanted}, {} is {}: replay needs the same major version \
+             (set services.postgres.bin-dir)",
+            postgres.display(),
+            text.trim()
+        )));
+    }
+    Ok(())
 }
 
 fn free_port() -> Result<u16, String> {

@@ -55,3 +55,38 @@ impl Proxy {
         self.mode.store(mode, Ordering::SeqCst);
     }
 }
+
+impl Proxy {
+    /// A forwarder listening on 127.0.0.1 inside the network namespace `listen_netns` (a
+    /// `/proc/PID/ns/net` path) to `target_port` on 127.0.0.1 inside `target_netns` (kept open:
+    /// it outlives the processes that made it). How one box reaches a server left in another
+    /// box's network after that box was killed.
+    pub fn across(listen_netns: &std::path::Path, target_netns: std::fs::File, target_port: u16) -> Proxy {
+        use std::sync::mpsc;
+        let listen_ns = std::fs::File::open(listen_netns).expect("the listening namespace");
+        let (tx, rx) = mpsc::channel();
+        let target_ns = Arc::new(target_netns);
+        std::thread::spawn(move || {
+            nix::sched::setns(&listen_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns (listen)");
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let ns = target_ns.clone();
+                std::thread::spawn(move || {
+                    nix::sched::setns(&*ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns (target)");
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else { return };
+                    let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let (mut c, mut s) = (client, server);
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut s2, &mut c2);
+                        let _ = c2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut c, &mut s);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Proxy { port: rx.recv().expect("the forwarder's port"), mode: Arc::new(AtomicU8::new(UP)) }
+    }
+}
