@@ -218,3 +218,138 @@ fn a_box_killed_without_warning_is_restored_on_a_new_box_from_s3_alone() {
     );
     drop(a);
 }
+
+/// SES on a moto of its own in the box's network, caretaker mailing through it.
+fn ses_for(b: &LabBox) -> Moto {
+    let ses = Moto::start_in_netns(b.pid1()).expect("moto for SES");
+    let r = ses
+        .request(
+            "POST",
+            "/",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                (
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ses/aws4_request, SignedHeaders=host, Signature=0",
+                ),
+            ],
+            b"Action=VerifyEmailIdentity&EmailAddress=caretaker%40example.com&Version=2010-12-01",
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let notify = format!(
+        "[aws]\nses-endpoint = \"{}\"\n[notify]\nsender = \"caretaker@example.com\"\nrecipients = [\"ops@example.com\"]\n",
+        ses.endpoint()
+    );
+    b.write_file("/etc/caretaker/caretaker.d/60-notify.toml", notify.as_bytes(), 0o644).unwrap();
+    ses
+}
+
+fn subjects(ses: &Moto, needle: &str) -> usize {
+    ses.sent_emails().unwrap().into_iter().filter(|e| e.subject.contains(needle)).count()
+}
+
+fn ready_files(b: &LabBox) -> usize {
+    b.sh_ok("ls /var/lib/postgresql/15/main/pg_wal/archive_status | grep -c '\\.ready$' || true")
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// S3 down for a while: archiving stops acknowledging, one email says so, and when S3 is back
+/// everything is archived, nothing skipped. The daemon SIGKILLed while it drains the backlog:
+/// systemd restarts it and nothing is skipped either. A segment with other content under an
+/// archived name: refused, not overwritten, one email.
+#[test]
+fn an_outage_a_killed_daemon_and_a_conflict_skip_nothing_and_alert_once_each() {
+    let b = LabBox::start("pitr-faults", BoxOptions::default()).expect("lab box boots");
+    let moto = Moto::start_in_netns(b.pid1()).expect("moto");
+    moto.create_bucket("backups").unwrap();
+    let ns = std::fs::File::open(format!("/proc/{}/ns/net", moto.pid())).unwrap();
+    let proxy = Proxy::across(std::path::Path::new(&format!("/proc/{}/ns/net", b.pid1())), ns, moto.port());
+    let ses = ses_for(&b);
+    let identity = age::x25519::Identity::generate();
+    configure(
+        &b,
+        &format!("http://127.0.0.1:{}", proxy.port),
+        &identity,
+        "archive-timeout = \"10s\"\nwal-backlog-alert = 3\nwal-lag-alert = \"5s\"",
+    );
+    b.sh_ok(
+        "runuser -u postgres -- psql -qc 'create database zmanim' && \
+         runuser -u postgres -- psql -d zmanim -qc 'create table rows(id serial primary key, pad text)' && \
+         runuser -u postgres -- psql -qc \"alter system set wal_keep_size = '1GB'\" -c 'select pg_reload_conf()'",
+    );
+    start_caretaker(&b);
+    run_ok(&b, "caretaker backup now --kind base");
+    let segment = |b: &LabBox| {
+        psql(b, "insert into rows(pad) select repeat('x', 100) from generate_series(1, 1000)");
+        psql(b, "select pg_switch_wal()");
+    };
+
+    proxy.set(caretaker_testkit::proxy::DOWN);
+    for _ in 0..5 {
+        segment(&b);
+    }
+    wait_until(
+        "one email about the backlog",
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        || subjects(&ses, "WAL archiving is behind") == 1,
+        || format!("{} ready; {}", ready_files(&b), b.journal("caretaker.service")),
+    );
+    assert!(ready_files(&b) >= 3);
+    let status = run_ok(&b, "caretaker status");
+    assert!(status.contains("waiting"), "{status}");
+    std::thread::sleep(Duration::from_secs(35));
+    assert_eq!(subjects(&ses, "WAL archiving is behind"), 1, "one email while the outage lasts");
+
+    // S3 back; the daemon killed while it drains the backlog.
+    proxy.set(caretaker_testkit::proxy::UP);
+    for _ in 0..3 {
+        segment(&b);
+    }
+    b.sh_ok("systemctl kill -s KILL caretaker.service");
+    wait_until(
+        "the backlog archived after the restart",
+        Duration::from_secs(180),
+        Duration::from_secs(1),
+        || ready_files(&b) == 0,
+        || b.journal("caretaker.service"),
+    );
+    // Every segment from the base backup's on is there: no gap.
+    let last = psql(&b, "select last_archived_wal from pg_stat_archiver");
+    let keys = s3_keys(&moto, "caretaker/wal/0000000100000000");
+    let first = 2u64;
+    let last_n = u64::from_str_radix(&last[16..], 16).unwrap();
+    for n in first..=last_n {
+        let name = format!("0000000100000000{n:08X}");
+        assert!(keys.contains(&format!("caretaker/wal/{name}.zst.age")), "{name} missing: {keys}");
+    }
+    wait_until(
+        "the backlog alert resolved",
+        Duration::from_secs(90),
+        Duration::from_secs(1),
+        || !run_ok(&b, "caretaker status --json").contains("wal:backlog"),
+        String::new,
+    );
+
+    // Other content under an archived name: refused, the archived object unchanged, one email.
+    let key = format!("/backups/caretaker/wal/{last}.zst.age");
+    let before = moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().body;
+    let out = b.sh(&format!(
+        "cp /var/lib/postgresql/15/main/pg_wal/{last} /var/tmp/{last} && \
+         printf 'X' | dd of=/var/tmp/{last} bs=1 seek=1048576 conv=notrunc 2>/dev/null && \
+         chown postgres /var/tmp/{last} && runuser -u postgres -- caretaker wal push /var/tmp/{last}"
+    ));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not overwritten"), "{out:?}");
+    assert_eq!(moto.request("GET", &key, &[Moto::s3_auth()], b"").unwrap().body, before);
+    wait_until(
+        "one conflict email",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || subjects(&ses, "WAL archive conflict") == 1,
+        || b.journal("caretaker.service"),
+    );
+}

@@ -66,12 +66,18 @@ impl Proxy {
         let listen_ns = std::fs::File::open(listen_netns).expect("the listening namespace");
         let (tx, rx) = mpsc::channel();
         let target_ns = Arc::new(target_netns);
+        let mode = Arc::new(AtomicU8::new(UP));
+        let m = mode.clone();
         std::thread::spawn(move || {
             nix::sched::setns(&listen_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns (listen)");
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             tx.send(listener.local_addr().unwrap().port()).unwrap();
             for conn in listener.incoming() {
                 let Ok(client) = conn else { continue };
+                if m.load(Ordering::SeqCst) != UP {
+                    drop(client);
+                    continue;
+                }
                 let ns = target_ns.clone();
                 std::thread::spawn(move || {
                     nix::sched::setns(&*ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns (target)");
@@ -87,6 +93,7 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port: rx.recv().expect("the forwarder's port"), mode: Arc::new(AtomicU8::new(UP)) }
+        // DOWN (and BLACK_HOLE) refuse new connections at once.
+        Proxy { port: rx.recv().expect("the forwarder's port"), mode }
     }
 }
