@@ -498,7 +498,11 @@ echo "  clusters: Debian's defaults, and autovacuum = off (nothing writes WAL af
 echo "  workaround: $jit_note"
 note_others
 echo "  machine: $cores cores, shared: $background % busy just before the run; other lab boxes seen during it: ${#others[@]}${others[*]:+ (${!others[*]})}"
-echo "           (another engineer's lab tests may run at the same time: the numbers are of a busy machine)"
+if (( ${#others[@]} > 0 || background > 10 )); then
+    echo "           (busy: other lab tests ran beside this one; its numbers are of a shared machine)"
+else
+    echo "           (no other lab box seen at any step: the machine was otherwise idle as far as those go)"
+fi
 echo
 row "" caretaker pgBackRest "ct/pgBR"
 echo "  1. WAL archiving under pgbench load"
