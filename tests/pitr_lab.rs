@@ -20,7 +20,8 @@ fn psql(b: &LabBox, sql: &str) -> String {
 /// caretaker with backups to `endpoint`, the identity and seal key in its env file, the API and
 /// caretaker started.
 fn configure(b: &LabBox, endpoint: &str, identity: &age::x25519::Identity, extra: &str) {
-    let extra = format!("{extra}\n[release]\nhealth-gate-consecutive = 2\nhealth-gate-timeout = \"20s\"\n");
+    let extra =
+        format!("wal-archive = true\n{extra}\n[release]\nhealth-gate-consecutive = 2\nhealth-gate-timeout = \"20s\"\n");
     b.configure_backups(endpoint, Some(&identity.to_public().to_string()), &extra).unwrap();
     use age::secrecy::ExposeSecret;
     let env = format!("BACKUP_AGE_IDENTITY=\"{}\"\nBACKUP_SEAL_KEY={SEAL_KEY}\n", identity.to_string().expose_secret());
@@ -309,7 +310,7 @@ fn an_outage_a_killed_daemon_and_a_conflict_skip_nothing_and_alert_once_each() {
     for _ in 0..3 {
         segment(&b);
     }
-    b.sh_ok("systemctl kill -s KILL caretaker.service");
+    b.sh_ok("systemctl kill --kill-whom=main -s KILL caretaker.service");
     wait_until(
         "the backlog archived after the restart",
         Duration::from_secs(180),

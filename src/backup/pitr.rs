@@ -574,6 +574,8 @@ fn start_server(
         "logging_collector=off".into(),
         "log_destination=stderr".into(),
         "shared_preload_libraries=".into(),
+        // caretaker.service's MemoryDenyWriteExecute= forbids JIT code: the verify queries fail.
+        "jit=off".into(),
     ];
     if let Some(t) = target_time {
         settings.push(format!("recovery_target_time={t}"));
@@ -584,7 +586,9 @@ fn start_server(
     for s in &settings {
         cmd.arg("-c").arg(s);
     }
-    cmd.uid(user.uid.as_raw())
+    // Not systemd's notify socket: only the daemon talks to it.
+    cmd.env_remove("NOTIFY_SOCKET")
+        .uid(user.uid.as_raw())
         .gid(user.gid.as_raw())
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
