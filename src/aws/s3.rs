@@ -235,18 +235,7 @@ impl S3 {
     /// A small object (a manifest, a report), refused when it is larger than `max` bytes: an object
     /// someone else put in the bucket cannot make caretaker hold an arbitrary amount of memory.
     pub async fn get_small(&self, bucket: &str, key: &str, max: usize) -> Result<Option<Vec<u8>>, S3Error> {
-        let Some(mut body) = self.get_stream(bucket, key).await? else { return Ok(None) };
-        let fail =
-            |message: String| S3Error { operation: "GetObject", bucket: bucket.into(), key: key.into(), message };
-        let mut data = Vec::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| fail(e.to_string()))?;
-            if data.len() + chunk.len() > max {
-                return Err(fail(format!("larger than {max} bytes: not read")));
-            }
-            data.extend_from_slice(&chunk);
-        }
-        Ok(Some(data))
+        Ok(self.get_small_with_metadata(bucket, key, max).await?.map(|(data, _)| data))
     }
 
     /// The object's body as a stream; `None` when there is no such key.
