@@ -117,30 +117,9 @@ fn drill_rig(prefix: &str) -> (LabBox, Moto) {
     (b, moto)
 }
 
-/// SES on a moto of its own (moto cannot list sent emails while it holds multipart parts), the
-/// sender verified, caretaker configured to mail through it (restarted to pick that up).
+/// SES for the box; caretaker restarted to mail through it.
 fn ses_for(b: &LabBox) -> Moto {
-    let ses = Moto::start_in_netns(b.pid1()).expect("moto for SES");
-    let r = ses
-        .request(
-            "POST",
-            "/",
-            &[
-                ("Content-Type", "application/x-www-form-urlencoded"),
-                (
-                    "Authorization",
-                    "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ses/aws4_request, SignedHeaders=host, Signature=0",
-                ),
-            ],
-            b"Action=VerifyEmailIdentity&EmailAddress=caretaker%40example.com&Version=2010-12-01",
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let notify = format!(
-        "[aws]\nses-endpoint = \"{}\"\n[notify]\nsender = \"caretaker@example.com\"\nrecipients = [\"ops@example.com\"]\n",
-        ses.endpoint()
-    );
-    b.write_file("/etc/caretaker/caretaker.d/60-notify.toml", notify.as_bytes(), 0o644).unwrap();
+    let ses = b.ses().expect("moto for SES");
     b.sh_ok("systemctl restart caretaker");
     ses
 }

@@ -220,32 +220,6 @@ fn a_box_killed_without_warning_is_restored_on_a_new_box_from_s3_alone() {
     drop(a);
 }
 
-/// SES on a moto of its own in the box's network, caretaker mailing through it.
-fn ses_for(b: &LabBox) -> Moto {
-    let ses = Moto::start_in_netns(b.pid1()).expect("moto for SES");
-    let r = ses
-        .request(
-            "POST",
-            "/",
-            &[
-                ("Content-Type", "application/x-www-form-urlencoded"),
-                (
-                    "Authorization",
-                    "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ses/aws4_request, SignedHeaders=host, Signature=0",
-                ),
-            ],
-            b"Action=VerifyEmailIdentity&EmailAddress=caretaker%40example.com&Version=2010-12-01",
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let notify = format!(
-        "[aws]\nses-endpoint = \"{}\"\n[notify]\nsender = \"caretaker@example.com\"\nrecipients = [\"ops@example.com\"]\n",
-        ses.endpoint()
-    );
-    b.write_file("/etc/caretaker/caretaker.d/60-notify.toml", notify.as_bytes(), 0o644).unwrap();
-    ses
-}
-
 fn subjects(ses: &Moto, needle: &str) -> usize {
     ses.sent_emails().unwrap().into_iter().filter(|e| e.subject.contains(needle)).count()
 }
@@ -268,7 +242,7 @@ fn an_outage_a_killed_daemon_and_a_conflict_skip_nothing_and_alert_once_each() {
     moto.create_bucket("backups").unwrap();
     let ns = std::fs::File::open(format!("/proc/{}/ns/net", moto.pid())).unwrap();
     let proxy = Proxy::across(std::path::Path::new(&format!("/proc/{}/ns/net", b.pid1())), ns, moto.port());
-    let ses = ses_for(&b);
+    let ses = b.ses().expect("moto for SES");
     let identity = age::x25519::Identity::generate();
     configure(
         &b,

@@ -302,6 +302,32 @@ impl LabBox {
         self.set_unit_env("caretaker.service", crate::moto::TEST_CREDENTIALS)
     }
 
+    /// SES on a moto of its own in the box's network (moto cannot list sent emails while it holds
+    /// multipart parts), the sender verified, caretaker configured to mail through it by a drop-in
+    /// (restart caretaker to pick it up).
+    pub fn ses(&self) -> anyhow::Result<crate::moto::Moto> {
+        let ses = crate::moto::Moto::start_in_netns(self.pid1)?;
+        let r = ses.request(
+            "POST",
+            "/",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                (
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ses/aws4_request, SignedHeaders=host, Signature=0",
+                ),
+            ],
+            b"Action=VerifyEmailIdentity&EmailAddress=caretaker%40example.com&Version=2010-12-01",
+        )?;
+        anyhow::ensure!(r.status == 200, "VerifyEmailIdentity: {}", r.text());
+        let notify = format!(
+            "[aws]\nses-endpoint = \"{}\"\n[notify]\nsender = \"caretaker@example.com\"\nrecipients = [\"ops@example.com\"]\n",
+            ses.endpoint()
+        );
+        self.write_file("/etc/caretaker/caretaker.d/60-notify.toml", notify.as_bytes(), 0o644)?;
+        Ok(ses)
+    }
+
     /// Gives `unit` extra environment through a runtime drop-in and reloads systemd (for example
     /// the dummy AWS credentials the emulators accept).
     pub fn set_unit_env(&self, unit: &str, vars: &[(&str, &str)]) -> anyhow::Result<()> {
