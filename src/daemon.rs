@@ -253,7 +253,22 @@ async fn ensure_archiving(
                     );
                     return;
                 };
-                let _hold = crate::maintenance::hold(&unit, "restarting once for archive_mode (WAL archiving)");
+                let hold = crate::maintenance::hold(&unit, "restarting once for archive_mode (WAL archiving)").await;
+                // Another job may have held the unit meanwhile (a restore swaps the data directory,
+                // whose settings are its own): ask again under the hold.
+                match crate::supervise::provision::archiving(&target, command, timeout).await {
+                    Ok(a) if a.restart_needed => {}
+                    Ok(_) => return,
+                    Err(e) => {
+                        info!("WAL archiving settings not applied yet: {e}; retrying in 10 s");
+                        drop(hold);
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                        }
+                        continue;
+                    }
+                }
                 warn!(
                     "restarting {unit} once: archive_mode changed (WAL archiving {})",
                     if command.is_some() { "on" } else { "off" }
@@ -314,6 +329,7 @@ async fn reconcile_releases(
             error!("{unit} should be restarted to run {:?}, but systemd is unreachable", r.current);
             return;
         };
+        let _hold = crate::maintenance::hold(&unit, "restarting after an interrupted update's repair").await;
         info!("restarting {unit} so that it runs {} (an update was interrupted)", r.current.as_deref().unwrap_or("?"));
         let problem = match systemd.restart(&unit, cfg.supervise.start_timeout.get()).await {
             Ok(out) if out.state.is_active() => {

@@ -730,8 +730,11 @@ pub async fn swap_in(
     let kept = sibling(&data, &format!("before-pitr-{ts}"));
     let pg_unit = cfg.services.postgres.unit.to_string();
     let api = cfg.services.api.unit.to_string();
-    let _hold_pg = maintenance::hold(&pg_unit, "point-in-time restore in progress");
-    let _hold_api = maintenance::hold(&api, "point-in-time restore in progress");
+    if let Some(other) = maintenance::held(&pg_unit) {
+        progress(format!("swap: waiting until {pg_unit} is released ({other})"));
+    }
+    let _hold_pg = maintenance::hold(&pg_unit, "point-in-time restore in progress").await;
+    let _hold_api = maintenance::hold(&api, "point-in-time restore in progress").await;
     let swap_err = |e: super::swap::SwapError| PitrError::Swap(e.to_string());
     let api_active = systemd.state(&api).await.map(|s| s.is_active()).unwrap_or(false);
     if api_active {

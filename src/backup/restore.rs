@@ -392,7 +392,7 @@ pub async fn restore_redis(
 
     // 2. Stop Redis (it saves on shutdown: the live file then holds the latest data), swap files.
     let unit = cfg.services.redis.unit.to_string();
-    let _hold = maintenance::hold(&unit, "restore in progress");
+    let _hold = maintenance::hold(&unit, "restore in progress").await;
     progress(format!("swap: stopping {unit}"));
     if let Err(e) = stop(systemd, &unit, cfg).await {
         let _ = std::fs::remove_file(&download);

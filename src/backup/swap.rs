@@ -138,7 +138,7 @@ pub async fn swap_in(
     // The API is stopped (and health-gated after) only when its own database is swapped.
     let api = cfg.services.api.unit.to_string();
     let api_uses_it = live == cfg.provision.database;
-    let _hold = api_uses_it.then(|| maintenance::hold(&api, "restore in progress"));
+    let _hold = if api_uses_it { Some(maintenance::hold(&api, "restore in progress").await) } else { None };
     let api_active = api_uses_it && api_was_active(systemd, &api).await;
     if !api_uses_it {
         progress(format!("swap: {live} is not the API's database ({}): the API keeps running", cfg.provision.database));

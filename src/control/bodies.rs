@@ -350,7 +350,7 @@ pub fn update_job(
             let timeout = cfg.supervise.start_timeout.get();
             let probe = crate::health::Probe::for_service(&cfg.services, ServiceKind::Api);
             // The supervisor must not restart the API while the update restarts it.
-            let _hold = (!request.dry_run).then(|| crate::maintenance::hold(&unit, &ctx.id));
+            let _hold = if request.dry_run { None } else { Some(crate::maintenance::hold(&unit, &ctx.id).await) };
             let restart = || {
                 let (systemd, unit) = (systemd.clone(), unit.clone());
                 async move {
