@@ -17,8 +17,9 @@
 #   4. The daemon's RSS during the load (VmRSS every second, VmHWM; the daemon restarted before).
 # Clusters: autovacuum = off (nothing writes WAL after the load, so both restores replay the same
 # WAL), and jit = off: a workaround for caretaker's restore failing on JIT-compiled queries (below).
-# pgBackRest's repository is a posix one on the box's disk (a tmpfs): its S3 repository needs TLS and
-# the bench's S3 server is plain HTTP, so pgBackRest's numbers are a lower bound for its time.
+# pgBackRest's repository is in S3 too: the same s3s-fs, through TLS (pgBackRest speaks S3 over TLS
+# only), terminated by stunnel in the box's network (a self-signed certificate, repo1-storage-verify-
+# tls=n). PITR_PGBR_REPO=posix puts it on the box's disk instead (a tmpfs: a lower bound for its time).
 # Both compress with zstd level 3 and encrypt (caretaker: age; pgBackRest: aes-256-cbc); pgBackRest
 # uses process-max = the number of cores for backup and restore.
 # caretaker is the DEBUG build (target/debug/caretaker, copied so a rebuild during the run changes
@@ -47,7 +48,9 @@ if [[ ! -x .tools/bin/s3s-fs ]]; then
     echo "installing s3s-fs into .tools (once, ~4 min)..." >&2
     cargo install --quiet --locked --root "$repo/.tools" s3s-fs@0.14.1 --features binary
 fi
-for p in pgbackrest bc jq; do
+pgbr_repo=${PITR_PGBR_REPO:-s3}
+[[ $pgbr_repo == s3 || $pgbr_repo == posix ]] || { echo "PITR_PGBR_REPO is s3 or posix" >&2; exit 2; }
+for p in pgbackrest bc jq stunnel4 openssl; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
         || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
 done
@@ -126,6 +129,26 @@ nsenter -t "$pid1" -n -- .tools/bin/s3s-fs --host 127.0.0.1 --port "$S3_PORT" --
 s3pid=$!
 pids+=("$s3pid")
 for _ in $(seq 150); do nsenter -t "$pid1" -n -- bash -c "echo > /dev/tcp/127.0.0.1/$S3_PORT" 2>/dev/null && break; sleep 0.2; done
+# pgBackRest's S3: TLS on S3_TLS_PORT in front of the same server, in a bucket of its own.
+S3_TLS_PORT=5443
+pgbr_bucket=bench-pgbackrest
+mkdir -p "$work/s3/$pgbr_bucket"
+if [[ $pgbr_repo == s3 ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+    cat >"$work/stunnel.conf" <<STUNNEL
+foreground = yes
+pid =
+[s3]
+accept = 127.0.0.1:$S3_TLS_PORT
+connect = 127.0.0.1:$S3_PORT
+cert = $work/tls.crt
+key = $work/tls.key
+STUNNEL
+    nsenter -t "$pid1" -n -- stunnel4 "$work/stunnel.conf" >"$work/stunnel.log" 2>&1 &
+    tlspid=$!
+    pids+=("$tlspid")
+    for _ in $(seq 150); do nsenter -t "$pid1" -n -- bash -c "echo > /dev/tcp/127.0.0.1/$S3_TLS_PORT" 2>/dev/null && break; sleep 0.2; done
+fi
 
 identity_file=$work/identity.txt
 age-keygen -o "$identity_file" 2>/dev/null
@@ -420,12 +443,24 @@ R[ct.hwm_after_restore]=$(awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$dpi
 fetch_probe ct caretaker "$dpid"
 
 # ---------------------------------------------------------------- pgBackRest
-log "pgBackRest: caretaker stopped, a fresh cluster, a posix repository, archive-push as archive_command..."
+log "pgBackRest: caretaker stopped, a fresh cluster, a repository in $pgbr_repo, archive-push as archive_command..."
 in_box systemctl stop caretaker.service
 in_box sh -ec "pg_dropcluster --stop 15 main; rm -rf $PGDATA.*; pg_createcluster 15 main >/dev/null; rm -rf /var/lib/pgbackrest/* /var/log/pgbackrest/*"
 in_box sh -c 'cat > /etc/pgbackrest.conf && chown postgres:postgres /etc/pgbackrest.conf && chmod 640 /etc/pgbackrest.conf' <<CONF
 [global]
-repo1-path=/var/lib/pgbackrest
+$(if [[ $pgbr_repo == s3 ]]; then cat <<S3
+repo1-type=s3
+repo1-path=/pgbackrest
+repo1-s3-endpoint=127.0.0.1
+repo1-storage-port=$S3_TLS_PORT
+repo1-storage-verify-tls=n
+repo1-s3-uri-style=path
+repo1-s3-bucket=$pgbr_bucket
+repo1-s3-region=us-east-1
+repo1-s3-key=testing
+repo1-s3-key-secret=testing
+S3
+else echo repo1-path=/var/lib/pgbackrest; fi)
 repo1-retention-full=2
 repo1-cipher-type=aes-256-cbc
 repo1-cipher-pass=$(head -c 24 /dev/urandom | base64)
@@ -461,7 +496,8 @@ t=$(now)
 in_box runuser -u postgres -- pgbackrest --stanza=bench backup --type=full
 R[pb.base_s]=$(elapsed "$t")
 log "pgBackRest: $(( $(sql "select pg_wal_lsn_diff(pg_current_wal_lsn(), '${R[pb.lsn_base]}')::bigint") / 1048576 )) MiB of WAL written during the backup; busy: $(sql "select coalesce(string_agg(backend_type || ': ' || left(query, 60), '; '), 'nothing') from pg_stat_activity where state = 'active' and pid <> pg_backend_pid()")"
-R[pb.repo_mib]=$(( $(in_box du -sb /var/lib/pgbackrest/backup | cut -f1) / 1048576 ))
+pgbr_du() { if [[ $pgbr_repo == s3 ]]; then du -sb "$work/s3/$pgbr_bucket/pgbackrest/$1"; else in_box du -sb "/var/lib/pgbackrest/$1"; fi | cut -f1; }
+R[pb.repo_mib]=$(( $(pgbr_du backup) / 1048576 ))
 
 log "pgBackRest: pgbench -c 4 -j 2 for ≤ $secs s or $wal_cap_mib MiB of WAL..."
 load pb "" pgbackrest
@@ -483,7 +519,7 @@ fetch_probe pb pgbackrest
 
 # ---------------------------------------------------------------- report
 s3_objects_mib=$(( $(du -sb "$work/s3/$bucket" | cut -f1) / 1048576 ))
-pb_wal_mib=$(( $(in_box du -sb /var/lib/pgbackrest/archive | cut -f1) / 1048576 ))
+pb_wal_mib=$(( $(pgbr_du archive) / 1048576 ))
 same() { [[ ${R[$1.sum]} == "${R[$1.restored_sum]}" ]] && echo "every committed transaction is there (history, tellers, branches; accounts agree)" || echo "DIFFERENT: before ${R[$1.sum]}, after ${R[$1.restored_sum]}"; }
 mark() { [[ $(calc "$1") == 1 ]] && echo "✓" || echo "✗"; }
 row() { printf '  %-44s %14s %14s %10s\n' "$@"; }
@@ -492,7 +528,11 @@ echo
 echo "PITR: caretaker vs pgBackRest 2.45 on PostgreSQL 15 ($(date -u '+%F %H:%M UTC'))"
 echo "  data: pgbench scale $scale (${R[ct.data_mib]} MiB database); load: pgbench -n -c 4 -j 2 for ≤ $secs s or until $wal_cap_mib MiB of WAL"
 echo "  caretaker: $bin_note; S3: s3s-fs (plain HTTP) in the box's network, objects on the host's disk"
-echo "  pgBackRest: posix repo (no S3, no TLS): a lower bound for its time; repository on the box's tmpfs;"
+if [[ $pgbr_repo == s3 ]]; then
+    echo "  pgBackRest: S3 repo in the same s3s-fs, through TLS (stunnel in the box's network; caretaker's S3 is plain HTTP);"
+else
+    echo "  pgBackRest: posix repo (no S3, no TLS): a lower bound for its time; repository on the box's tmpfs;"
+fi
 echo "              zst level 3, aes-256-cbc, process-max=$cores, archive-push in sync mode (archive-async=n)"
 echo "  clusters: Debian's defaults, and autovacuum = off (nothing writes WAL after the load: both restores replay the same)"
 echo "  workaround: $jit_note"
@@ -522,7 +562,7 @@ row "archive_command latency max (ms)" "${R[ct.pmax]}" "${R[pb.pmax]}" ""
 row "CPU-s/GiB: archive_command process" "${R[ct.client_per_gib]:--}" "${R[pb.client_per_gib]:--}" ""
 row "CPU-s/GiB: daemon" "${R[ct.daemon_per_gib]:--}" "-" ""
 row "CPU-s/GiB: archiving in all" "${R[ct.total_per_gib]:--}" "${R[pb.total_per_gib]:--}" "$(ratio "${R[ct.total_per_gib]:-0}" "${R[pb.total_per_gib]:-0}")"
-row "CPU-s/GiB: the S3 server (s3s-fs)" "${R[ct.s3_per_gib]:--}" "(no S3)" ""
+row "CPU-s/GiB: the S3 server (s3s-fs)" "${R[ct.s3_per_gib]:--}" "$([[ $pgbr_repo == s3 ]] && echo "${R[pb.s3_per_gib]:--}" || echo "(no S3)")" ""
 row "machine CPU-s during load + drain" "${R[ct.machine_cpu]}" "${R[pb.machine_cpu]}" ""
 row "pgbench -i: WAL written (MiB) in (s)" "${R[ct.init_wal_mib]} in ${R[ct.init_s]}" "${R[pb.init_wal_mib]} in ${R[pb.init_s]}" ""
 row "pgbench -i: all archived after it ended (s)" "${R[ct.init_drain_s]}" "${R[pb.init_drain_s]}" "$(ratio "${R[ct.init_drain_s]}" "${R[pb.init_drain_s]}")"

@@ -193,6 +193,40 @@ async fn segments_are_archived_once_checked_never_overwritten_and_survive_an_out
     let stats = server.stats();
     assert!(stats.failed >= 1 && stats.archived >= 6, "{stats:?}");
 
+    // Recovery's prefetch: asking for the first segment of a plan fetches the next ones ahead,
+    // so that they are served (byte for byte) while S3 is unreachable.
+    let segs: Vec<_> = c.segments.iter().copied().take(server.prefetch_window()).collect();
+    assert!(segs.len() >= 4, "{segs:?}");
+    let sysid = caretaker::backup::wal::header::control_system_identifier(
+        &std::fs::read(pg.data.join("global/pg_control")).unwrap(),
+    )
+    .unwrap();
+    server.set_plan(Some(caretaker::backup::wal::server::FetchPlan {
+        required: c.segments.clone(),
+        system_identifier: sysid,
+    }));
+    let name_of = |s: &caretaker::backup::wal::name::Segment| s.file_name(16 << 20);
+    let first = server.fetch(&name_of(&segs[0]), Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(first == std::fs::read(pg.data.join("pg_wal").join(name_of(&segs[0]))).unwrap());
+    wait_until(
+        "the rest of the plan prefetched",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || server.prefetched() == segs.len() - 1,
+        || format!("{} prefetched", server.prefetched()),
+    );
+    proxy.set(DOWN);
+    for s in &segs[1..] {
+        let got = server.fetch(&name_of(s), Duration::from_secs(1)).await.unwrap().expect("served from the window");
+        assert!(got == std::fs::read(pg.data.join("pg_wal").join(name_of(s))).unwrap(), "{s:?} differs");
+    }
+    assert_eq!(server.prefetched(), 0, "each is handed out once");
+    // Past the window and S3 down: an error, never "not found" (that would end recovery early).
+    let past = server.fetch(&name_of(&segs[0]), Duration::from_secs(1)).await;
+    assert!(past.is_err(), "{:?}", past.map(|o| o.map(|b| b.len())));
+    proxy.set(UP);
+    server.set_plan(None);
+
     // A damaged object in S3: a fetch refuses it with 126, naming it.
     direct.put_object("backups", &format!("caretaker/wal/{last}.zst.age"), b"garbage".to_vec()).await.unwrap();
     let out = caretaker_as("postgres", &["wal", "fetch", &last, "/tmp/x", "--socket", &sock]);

@@ -73,6 +73,16 @@ pub struct WalStats {
     pub last_failure_at: Option<String>,
 }
 
+/// A prefetched segment: on its way (waiters are woken when it lands or fails), or here.
+enum Slot {
+    Pending(Arc<tokio::sync::Notify>),
+    Ready(Vec<u8>),
+}
+
+/// Memory for segments fetched ahead of replay: 8 segments of the default 16 MiB (pgBackRest's
+/// `archive-get-queue-max` is 128 MiB too); never fewer than 2 ahead.
+const PREFETCH_BYTES: u64 = 128 << 20;
+
 /// The server's state.
 pub struct WalServer {
     archive: Arc<Archive>,
@@ -80,8 +90,8 @@ pub struct WalServer {
     data_dir: PathBuf,
     allowed_uids: Vec<u32>,
     plan: Mutex<Option<FetchPlan>>,
-    /// Segments fetched ahead of replay (plaintext), at most `prefetch` of them.
-    cache: Mutex<HashMap<String, Vec<u8>>>,
+    /// Segments fetched ahead of replay (plaintext) or on their way, at most `prefetch` of them.
+    cache: Mutex<HashMap<Segment, Slot>>,
     prefetch: usize,
     stats: Mutex<WalStats>,
     /// Called with every transient or lasting push failure (alerts).
@@ -90,13 +100,14 @@ pub struct WalServer {
 
 impl WalServer {
     pub fn new(archive: Archive, data_dir: &Path, allowed_uids: Vec<u32>) -> WalServer {
+        let prefetch = (PREFETCH_BYTES / archive.segment_size.max(1)).clamp(2, 64) as usize;
         WalServer {
             archive: Arc::new(archive),
             data_dir: data_dir.to_path_buf(),
             allowed_uids,
             plan: Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
-            prefetch: 2,
+            prefetch,
             stats: Mutex::new(WalStats::default()),
             on_failure: Box::new(|_| {}),
         }
@@ -114,6 +125,16 @@ impl WalServer {
 
     pub fn stats(&self) -> WalStats {
         self.stats.lock().expect("stats lock").clone()
+    }
+
+    /// How many segments have landed ahead of replay (waiting to be asked for).
+    pub fn prefetched(&self) -> usize {
+        self.cache.lock().expect("cache lock").values().filter(|s| matches!(s, Slot::Ready(_))).count()
+    }
+
+    /// How many segments the prefetch window holds.
+    pub fn prefetch_window(&self) -> usize {
+        self.prefetch
     }
 
     pub fn archive(&self) -> &Archive {
@@ -157,16 +178,21 @@ impl WalServer {
 
     /// Fetches one file for recovery: Ok(None) only when the archive does not have it and it is
     /// not a segment the plan requires. Transient S3 errors are retried for up to `retry_for`.
+    /// A segment of the plan comes from the prefetch window (waiting for it when it is on its way),
+    /// and asking for it moves the window on.
     pub async fn fetch(self: &Arc<Self>, name: &str, retry_for: Duration) -> Result<Option<Vec<u8>>, WalError> {
         let file = self.archive.parse(name)?;
-        // (The guard must be gone before prefetch_after locks the cache again.)
-        let hit = self.cache.lock().expect("cache lock").remove(name);
-        if let Some(hit) = hit {
-            self.stats.lock().expect("stats lock").fetched += 1;
-            self.prefetch_after(&file);
-            return Ok(Some(hit));
-        }
         let plan = self.plan.lock().expect("plan lock").clone();
+        if let (WalFile::Segment(s), Some(plan)) = (&file, &plan)
+            && plan.required.contains(s)
+        {
+            self.prefetch_from(*s, plan);
+            if let Some(hit) = self.wait_prefetched(*s).await {
+                self.stats.lock().expect("stats lock").fetched += 1;
+                return Ok(Some(hit));
+            }
+        }
+        // Not in the plan, or its prefetch failed: fetched here, with retries and their errors.
         let sysid = plan.as_ref().map(|p| p.system_identifier);
         let r = fetch_retrying(&self.archive, name, sysid, retry_for).await?;
         if let (None, Some(plan), WalFile::Segment(s)) = (&r, &plan, &file) {
@@ -181,35 +207,67 @@ impl WalServer {
         }
         if r.is_some() {
             self.stats.lock().expect("stats lock").fetched += 1;
-            self.prefetch_after(&file);
         }
         Ok(r)
     }
 
-    /// Starts fetching the next segments of the plan into the cache.
-    fn prefetch_after(self: &Arc<Self>, file: &WalFile) {
-        let WalFile::Segment(s) = file else { return };
-        let plan = self.plan.lock().expect("plan lock").clone();
-        let Some(plan) = plan else { return };
-        let mut next = *s;
+    /// Takes `s` out of the prefetch window once it has landed; None when it is not there or its
+    /// fetch failed (the caller fetches it itself and reports the error).
+    async fn wait_prefetched(&self, s: Segment) -> Option<Vec<u8>> {
+        loop {
+            let notified = {
+                let mut cache = self.cache.lock().expect("cache lock");
+                match cache.remove(&s) {
+                    Some(Slot::Ready(bytes)) => return Some(bytes),
+                    None => return None,
+                    Some(Slot::Pending(n)) => {
+                        let n2 = n.clone();
+                        cache.insert(s, Slot::Pending(n));
+                        // Registered under the lock: the landing's notify_waiters cannot be missed.
+                        let mut notified = Box::pin(n2.notified_owned());
+                        notified.as_mut().enable();
+                        notified
+                    }
+                }
+            };
+            notified.await;
+        }
+    }
+
+    /// Makes the window `s`, `s + 1`, … (`prefetch` segments of the plan) fetched or on its way;
+    /// drops what replay has passed.
+    fn prefetch_from(self: &Arc<Self>, s: Segment, plan: &FetchPlan) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache.retain(|k, _| *k >= s);
+        let mut next = s;
         for _ in 0..self.prefetch {
-            next = next.next();
             if !plan.required.contains(&next) {
                 break;
             }
-            let name = next.file_name(self.archive.segment_size);
-            if self.cache.lock().expect("cache lock").contains_key(&name) {
-                continue;
-            }
-            let me = self.clone();
-            tokio::spawn(async move {
-                if let Ok(Some(bytes)) = me.archive.fetch(&name, Some(plan.system_identifier)).await {
-                    let mut cache = me.cache.lock().expect("cache lock");
-                    if cache.len() < me.prefetch + 1 {
-                        cache.insert(name, bytes);
+            if !cache.contains_key(&next) {
+                let notify = Arc::new(tokio::sync::Notify::new());
+                cache.insert(next, Slot::Pending(notify.clone()));
+                let (me, name, sysid, seg) =
+                    (self.clone(), next.file_name(self.archive.segment_size), plan.system_identifier, next);
+                tokio::spawn(async move {
+                    let got = me.archive.fetch(&name, Some(sysid)).await;
+                    {
+                        let mut cache = me.cache.lock().expect("cache lock");
+                        // Only into its own slot: one dropped meanwhile (replay moved on, a new
+                        // plan) stays dropped.
+                        if let Some(Slot::Pending(n)) = cache.get(&seg)
+                            && Arc::ptr_eq(n, &notify)
+                        {
+                            match got {
+                                Ok(Some(bytes)) => cache.insert(seg, Slot::Ready(bytes)),
+                                _ => cache.remove(&seg),
+                            };
+                        }
                     }
-                }
-            });
+                    notify.notify_waiters();
+                });
+            }
+            next = next.next();
         }
     }
 }
