@@ -21,15 +21,30 @@ pub enum PgError {
     NoUser(String),
     #[error("cannot connect to {} as {user}: {source}", socket.display())]
     Socket { socket: PathBuf, user: String, source: std::io::Error },
-    #[error("PostgreSQL at {} refused {user}@{dbname}: {source}", socket.display())]
+    #[error("PostgreSQL at {} refused {user}@{dbname}: {}", socket.display(), server_says(source))]
     Connect { socket: PathBuf, user: String, dbname: String, source: tokio_postgres::Error },
     #[error("PostgreSQL did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("query failed: {0}")]
+    #[error("query failed: {}", server_says(.0))]
     Query(#[from] tokio_postgres::Error),
     /// caretaker refused before asking PostgreSQL (the message says why).
     #[error("{0}")]
     Refused(String),
+}
+
+/// tokio_postgres's own text for a server error is only "db error": the server's severity, code,
+/// message and hint instead (never its DETAIL, which can quote row values).
+pub fn server_says(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(hint) = db.hint() {
+                s.push_str(&format!(" (hint: {hint})"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
 }
 
 /// Where and as whom to connect.

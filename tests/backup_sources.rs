@@ -94,6 +94,10 @@ async fn row_counts_and_the_dump_come_from_one_snapshot() {
         .await
         .unwrap();
 
+    // A failed query says what the server said (not tokio_postgres's bare "db error").
+    let e = caretaker::pg::PgError::Query(admin.batch_execute("SELECT * FROM no_such_table").await.unwrap_err());
+    assert_eq!(e.to_string(), "query failed: ERROR 42P01: relation \"no_such_table\" does not exist");
+
     let snap = Snapshot::export(&pg.target, "postgres").await.unwrap();
     let counts = row_counts(&pg.target, "postgres", Some(&snap.id), 2).await.unwrap();
     assert_eq!(counts.get("public.cities"), Some(&500));

@@ -45,7 +45,7 @@ pub enum RestoreError {
     Systemd(String),
     #[error("postgres: {0}")]
     PgClient(#[from] crate::pg::PgError),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", crate::pg::server_says(.0))]
     PgQuery(#[from] tokio_postgres::Error),
 }
 

@@ -18,7 +18,7 @@ use crate::systemd::manager::Systemd;
 pub enum SwapError {
     #[error("postgres: {0}")]
     PgClient(#[from] crate::pg::PgError),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", crate::pg::server_says(.0))]
     PgQuery(#[from] tokio_postgres::Error),
     #[error("systemd: {0}")]
     Systemd(String),

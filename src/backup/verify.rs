@@ -42,7 +42,7 @@ pub enum VerifyError {
     Cancelled,
     #[error("postgres: {0}")]
     PgClient(#[from] crate::pg::PgError),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", crate::pg::server_says(.0))]
     PgQuery(#[from] tokio_postgres::Error),
 }
 

@@ -23,7 +23,10 @@ pub enum ProvisionError {
     NoPassword { role: String, file: String, var: String },
     #[error("cannot read {file}: {source}")]
     ReadEnv { file: String, source: std::io::Error },
-    #[error("creating extension `{extension}` in {database} failed: {source} (is its package installed on the image?)")]
+    #[error(
+        "creating extension `{extension}` in {database} failed: {} (is its package installed on the image?)",
+        crate::pg::server_says(source)
+    )]
     Extension { extension: String, database: String, source: tokio_postgres::Error },
 }
 
