@@ -139,6 +139,11 @@ async fn restore_to_a_second_and_to_the_end(version: u32) {
     let d: caretaker::backup::base::BaseDetails = serde_json::from_value(base.details.clone()).unwrap();
     assert_eq!(d.timeline, 1);
     assert!(d.stop_lsn >= d.start_lsn);
+    // Right after the backup (its last segment archived before its manifest was written): the
+    // window is that one moment, never inverted.
+    let w = pitr::window(&r.cfg, &r.direct, &r.archive().await).await.unwrap();
+    let (o, n) = (w.oldest.clone().unwrap(), w.newest.clone().unwrap());
+    assert!(humantime::parse_rfc3339(&o).unwrap() <= humantime::parse_rfc3339(&n).unwrap(), "{w}");
     let times = insert_rows(&target, 21, 60, Duration::from_millis(40)).await;
     archived_through_current(&r.pg);
     // Between row 40's commit and row 41's.

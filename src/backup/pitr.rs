@@ -186,7 +186,12 @@ pub async fn survey(cfg: &Config, s3: &S3, archive: &Archive) -> Result<Survey, 
     if let Some((newest_m, _, c)) = usable.first() {
         let newest_at = archive.describe(&WalFile::Segment(c.last)).await?.map(|d| d.archived_at);
         window.oldest = usable.last().map(|(m, _, _)| m.finished_at.clone());
-        window.newest = newest_at.or_else(|| Some(newest_m.finished_at.clone()));
+        // The last segment can be archived before the backup's manifest is written: a restore
+        // reaches at least the newest backup's end, so the window never ends before it.
+        window.newest = match newest_at {
+            Some(at) if time_of(&at) > time_of(&newest_m.finished_at) => Some(at),
+            _ => Some(newest_m.finished_at.clone()),
+        };
         window.newest_segment = Some(c.last.file_name(archive.segment_size));
         window.gap = c.gap.map(|(a, b)| (a.file_name(archive.segment_size), b.file_name(archive.segment_size)));
     }
@@ -623,10 +628,10 @@ async fn wait_promoted(
             return Ok(());
         }
         if last_report.elapsed() > Duration::from_secs(10) {
-            progress(format!(
-                "pitr: replaying WAL: {} of {need} segments of the chain fetched",
-                server.stats().fetched
-            ));
+            // By position in the chain: PostgreSQL asks for some files twice, and for history files.
+            let through = server.stats().newest_planned_fetched;
+            let done = through.map_or(0, |s| plan.chain.segments.range(..=s).count());
+            progress(format!("pitr: replaying WAL: segment {done} of the chain's {need} fetched"));
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -67,6 +67,9 @@ pub struct WalStats {
     pub already_archived: u64,
     pub failed: u64,
     pub fetched: u64,
+    /// The newest segment of the restore's plan handed out (progress: how far replay is).
+    #[serde(skip)]
+    pub newest_planned_fetched: Option<Segment>,
     pub last_archived: Option<String>,
     pub last_archived_at: Option<String>,
     pub last_failure: Option<String>,
@@ -188,7 +191,9 @@ impl WalServer {
         {
             self.prefetch_from(*s, plan);
             if let Some(hit) = self.wait_prefetched(*s).await {
-                self.stats.lock().expect("stats lock").fetched += 1;
+                let mut stats = self.stats.lock().expect("stats lock");
+                stats.fetched += 1;
+                stats.newest_planned_fetched = stats.newest_planned_fetched.max(Some(*s));
                 return Ok(Some(hit));
             }
         }
@@ -206,7 +211,13 @@ impl WalServer {
             }
         }
         if r.is_some() {
-            self.stats.lock().expect("stats lock").fetched += 1;
+            let mut stats = self.stats.lock().expect("stats lock");
+            stats.fetched += 1;
+            if let (Some(plan), WalFile::Segment(s)) = (&plan, &file)
+                && plan.required.contains(s)
+            {
+                stats.newest_planned_fetched = stats.newest_planned_fetched.max(Some(*s));
+            }
         }
         Ok(r)
     }
