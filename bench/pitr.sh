@@ -597,5 +597,5 @@ echo
 ct_keep=$(( ${R[ct.ready_max]} <= 16 && ${R[ct.ready_end]} <= 2 ))
 echo "targets:"
 echo "  $( ((ct_keep)) && echo ✓ || echo ✗) archiving keeps up with pgbench: .ready max ${R[ct.ready_max]} (≤ 16), ${R[ct.ready_end]} when the load ended (≤ 2)"
-echo "  $(mark "${R[ct.restore_s]} <= ${R[pb.restore_s]}") PITR restore ≤ 1.0 × pgBackRest: $(ratio "${R[ct.restore_s]}" "${R[pb.restore_s]}") × (pgBackRest's time a lower bound: no S3)"
+echo "  $(mark "${R[ct.restore_s]} <= ${R[pb.restore_s]}") PITR restore ≤ 1.0 × pgBackRest: $(ratio "${R[ct.restore_s]}" "${R[pb.restore_s]}") × ($([[ $pgbr_repo == s3 ]] && echo "both from S3; pgBackRest's through TLS" || echo "pgBackRest's time a lower bound: no S3"))"
 echo "  $(mark "${R[ct.hwm]} <= 40") daemon RSS at full pgbench load ≤ 40 MiB: VmHWM ${R[ct.hwm]} MiB, sampled max ${R[ct.rss_max]} MiB"
