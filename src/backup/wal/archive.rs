@@ -5,13 +5,16 @@ use std::time::Duration;
 
 use super::header;
 use super::name::{WalFile, folder, from_key, key};
-use super::object::{Description, decode, encode};
+use super::object::{Description, Encoder, decode, encode};
 use crate::aws::s3::{Put, S3, S3Error};
 use crate::backup::fetch::{Decryption, FetchError};
 use crate::backup::run::BackupError;
 use crate::backup::seal::SealKeys;
 use crate::backup::stream::Encryption;
 use crate::config::Config;
+
+/// A streamed push reads and encodes a segment this much at a time.
+const PUSH_CHUNK: usize = 256 << 10;
 
 /// History and backup label files are small text files; anything larger is not one.
 pub const MAX_TEXT_FILE: usize = 1 << 20;
@@ -116,7 +119,6 @@ impl Archive {
                 }
             }
         }
-        let key = key(&self.prefix, &file, self.segment_size);
         // Compression and encryption on a blocking thread: the daemon's loop keeps answering.
         let (enc, level, owned) = (self.encryption.clone(), self.zstd_level, name.to_string());
         let (stored, description) =
@@ -124,6 +126,88 @@ impl Archive {
                 .await
                 .map_err(|e| WalError::Setup(format!("{name}: the encoder thread failed: {e}")))?
                 .map_err(|e| WalError::Setup(format!("{name}: compressing/encrypting: {e}")))?;
+        self.store(name, &file, stored, &description).await
+    }
+
+    /// Archives the segment `name` of `bytes` bytes read from `body`, streamed: its header is
+    /// checked on the first piece, before anything is stored, and the plaintext is never held
+    /// whole (compressed and encrypted as it arrives, on a blocking thread). Files other than
+    /// segments are small: read whole and [`Self::push`]ed.
+    pub async fn push_from(
+        &self,
+        name: &str,
+        bytes: u64,
+        body: &mut (impl tokio::io::AsyncRead + Unpin),
+        system_identifier: u64,
+    ) -> Result<Pushed, WalError> {
+        use tokio::io::AsyncReadExt;
+        let file = self.parse(name)?;
+        let reading = |e: std::io::Error| WalError::Setup(format!("reading {name}: {e}"));
+        let (WalFile::Segment(s) | WalFile::Partial(s)) = file else {
+            if bytes > MAX_TEXT_FILE as u64 {
+                return Err(WalError::Refused { name: name.into(), why: format!("{bytes} bytes is not a text file") });
+            }
+            let mut plain = vec![0u8; bytes as usize];
+            body.read_exact(&mut plain).await.map_err(reading)?;
+            return self.push(name, plain, system_identifier).await;
+        };
+        let chunk = PUSH_CHUNK.min(bytes as usize);
+        let mut first = vec![0u8; chunk];
+        body.read_exact(&mut first).await.map_err(reading)?;
+        header::check_start(&first, bytes, s, self.segment_size, system_identifier)
+            .map_err(|why| WalError::Refused { name: name.to_string(), why })?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let (enc, level, owned) = (self.encryption.clone(), self.zstd_level, name.to_string());
+        let encoder = tokio::task::spawn_blocking(move || {
+            let mut e = Encoder::new(&owned, &enc, level, system_identifier, bytes / 3)?;
+            while let Some(piece) = rx.blocking_recv() {
+                e.write(&piece)?;
+            }
+            Ok::<_, String>(e)
+        });
+        let mut sent = 0u64;
+        let mut piece = first;
+        loop {
+            sent += piece.len() as u64;
+            if tx.send(piece).await.is_err() {
+                break; // the encoder failed: its error is below
+            }
+            if sent == bytes {
+                break;
+            }
+            let mut next = vec![0u8; PUSH_CHUNK.min((bytes - sent) as usize)];
+            if let Err(e) = body.read_exact(&mut next).await {
+                drop(tx);
+                let _ = encoder.await;
+                return Err(reading(e));
+            }
+            piece = next;
+        }
+        drop(tx);
+        let e = encoder
+            .await
+            .map_err(|e| WalError::Setup(format!("{name}: the encoder thread failed: {e}")))?
+            .map_err(|e| WalError::Setup(format!("{name}: compressing/encrypting: {e}")))?;
+        let (stored, description) = tokio::task::spawn_blocking(move || e.finish())
+            .await
+            .map_err(|e| WalError::Setup(format!("{name}: the encoder thread failed: {e}")))?
+            .map_err(|e| WalError::Setup(format!("{name}: compressing/encrypting: {e}")))?;
+        if description.plain_bytes != bytes {
+            return Err(WalError::Setup(format!("{name}: {} of {bytes} bytes encoded", description.plain_bytes)));
+        }
+        self.store(name, &file, stored, &description).await
+    }
+
+    /// Puts `stored` under `name`'s key only if the key is new; an existing object with the same
+    /// plaintext is a success, with other content a conflict (never overwritten).
+    async fn store(
+        &self,
+        name: &str,
+        file: &WalFile,
+        stored: Vec<u8>,
+        description: &super::object::Description,
+    ) -> Result<Pushed, WalError> {
+        let key = key(&self.prefix, file, self.segment_size);
         let metadata = description.metadata(&self.keys);
         self.bounded(name, async {
             // A retry of a push whose answer was lost finds its own object: same plaintext, success.

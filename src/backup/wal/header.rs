@@ -58,7 +58,19 @@ pub fn read(bytes: &[u8]) -> Result<SegmentHeader, String> {
 
 /// Checks that `bytes` is the segment `expected` of the cluster `system_identifier`, whole.
 pub fn check(bytes: &[u8], expected: Segment, segment_size: u64, system_identifier: u64) -> Result<(), String> {
-    let h = read(bytes)?;
+    check_start(bytes, bytes.len() as u64, expected, segment_size, system_identifier)
+}
+
+/// [`check`] of a segment of `total` bytes from its beginning `first` (at least its long page
+/// header): what a streamed push checks before anything is stored.
+pub fn check_start(
+    first: &[u8],
+    total: u64,
+    expected: Segment,
+    segment_size: u64,
+    system_identifier: u64,
+) -> Result<(), String> {
+    let h = read(first)?;
     if h.system_identifier != system_identifier {
         return Err(format!(
             "it belongs to the cluster with system identifier {}, not this cluster's {system_identifier}",
@@ -68,8 +80,8 @@ pub fn check(bytes: &[u8], expected: Segment, segment_size: u64, system_identifi
     if u64::from(h.segment_size) != segment_size {
         return Err(format!("its segment size is {} bytes, this cluster's is {segment_size}", h.segment_size));
     }
-    if bytes.len() as u64 != segment_size {
-        return Err(format!("it is {} bytes long, a segment is {segment_size}", bytes.len()));
+    if total != segment_size {
+        return Err(format!("it is {total} bytes long, a segment is {segment_size}"));
     }
     // A segment's first page was written on the timeline that was current then, which is the
     // file's own or (for the first segment of a new timeline) an ancestor: never a later one.

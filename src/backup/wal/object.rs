@@ -97,25 +97,57 @@ pub fn encode(
     zstd_level: i32,
     system_identifier: u64,
 ) -> Result<(Vec<u8>, Description), String> {
-    let mut stored = Vec::with_capacity(plain.len() / 3 + 4096);
-    {
-        let age_out = encryption.encryptor()?.wrap_output(&mut stored).map_err(|e| e.to_string())?;
-        let mut z = zstd::stream::write::Encoder::new(age_out, zstd_level).map_err(|e| e.to_string())?;
-        z.write_all(plain).map_err(|e| e.to_string())?;
-        z.finish().map_err(|e| e.to_string())?.finish().map_err(|e| e.to_string())?;
+    let mut e = Encoder::new(name, encryption, zstd_level, system_identifier, plain.len() as u64 / 3)?;
+    e.write(plain)?;
+    e.finish()
+}
+
+/// [`encode`] a piece at a time: the plaintext passes through and is never held whole (a
+/// segment is 16 MiB; what is kept is its compressed, encrypted form).
+pub struct Encoder {
+    name: String,
+    system_identifier: u64,
+    sha: Sha256,
+    plain_bytes: u64,
+    z: zstd::stream::write::Encoder<'static, age::stream::StreamWriter<Vec<u8>>>,
+}
+
+impl Encoder {
+    pub fn new(
+        name: &str,
+        encryption: &Encryption,
+        zstd_level: i32,
+        system_identifier: u64,
+        expected_stored: u64,
+    ) -> Result<Encoder, String> {
+        let stored = Vec::with_capacity(expected_stored.min(64 << 20) as usize + 4096);
+        let age_out = encryption.encryptor()?.wrap_output(stored).map_err(|e| e.to_string())?;
+        let z = zstd::stream::write::Encoder::new(age_out, zstd_level).map_err(|e| e.to_string())?;
+        Ok(Encoder { name: name.to_string(), system_identifier, sha: Sha256::new(), plain_bytes: 0, z })
     }
-    let header_len = age_prefix_len(&stored).ok_or("the age header is not where it should be")?;
-    let d = Description {
-        name: name.to_string(),
-        plain_bytes: plain.len() as u64,
-        plain_sha256: hex::encode(Sha256::digest(plain)),
-        stored_bytes: stored.len() as u64,
-        stored_sha256: hex::encode(Sha256::digest(&stored)),
-        header_sha256: hex::encode(Sha256::digest(&stored[..header_len])),
-        system_identifier,
-        archived_at: crate::units::now_rfc3339(),
-    };
-    Ok((stored, d))
+
+    pub fn write(&mut self, plain: &[u8]) -> Result<(), String> {
+        self.sha.update(plain);
+        self.plain_bytes += plain.len() as u64;
+        self.z.write_all(plain).map_err(|e| e.to_string())
+    }
+
+    /// The stored bytes and their description (unsealed).
+    pub fn finish(self) -> Result<(Vec<u8>, Description), String> {
+        let stored = self.z.finish().map_err(|e| e.to_string())?.finish().map_err(|e| e.to_string())?;
+        let header_len = age_prefix_len(&stored).ok_or("the age header is not where it should be")?;
+        let d = Description {
+            name: self.name,
+            plain_bytes: self.plain_bytes,
+            plain_sha256: hex::encode(self.sha.finalize()),
+            stored_bytes: stored.len() as u64,
+            stored_sha256: hex::encode(Sha256::digest(&stored)),
+            header_sha256: hex::encode(Sha256::digest(&stored[..header_len])),
+            system_identifier: self.system_identifier,
+            archived_at: crate::units::now_rfc3339(),
+        };
+        Ok((stored, d))
+    }
 }
 
 /// The plaintext of `stored`, checked against its (opened) description; at most `max_plain`
@@ -156,6 +188,21 @@ mod tests {
 
     fn keys() -> SealKeys {
         SealKeys::from_secrets([b"a passphrase for tests".as_slice()])
+    }
+
+    #[test]
+    fn an_object_encoded_in_pieces_is_the_same_file() {
+        let pass = age::secrecy::SecretString::from("a passphrase for tests".to_string());
+        let (enc, dec) = (Encryption::Passphrase(pass.clone()), Decryption::Passphrase(pass));
+        let plain: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 253).to_le_bytes()).collect();
+        let (_, whole) = encode("000000010000000000000003", &plain, &enc, 3, 7).unwrap();
+        let mut e = Encoder::new("000000010000000000000003", &enc, 3, 7, 0).unwrap();
+        for piece in plain.chunks(77_777) {
+            e.write(piece).unwrap();
+        }
+        let (stored, d) = e.finish().unwrap();
+        assert_eq!((d.plain_bytes, &d.plain_sha256), (plain.len() as u64, &whole.plain_sha256));
+        assert_eq!(decode(&stored, &d, &dec, 16 << 20).unwrap(), plain);
     }
 
     #[test]

@@ -152,12 +152,30 @@ impl WalServer {
         super::header::control_system_identifier(&bytes).map_err(WalError::Setup)
     }
 
-    /// Pushes one file (the socket's push, and the daemon's own sweeps).
+    /// Pushes one file (the daemon's own sweeps).
     pub async fn push(&self, name: &str, plain: Vec<u8>) -> Result<Pushed, WalError> {
         let r = match self.system_identifier() {
             Ok(sysid) => self.archive.push(name, plain, sysid).await,
             Err(e) => Err(e),
         };
+        self.record(name, r)
+    }
+
+    /// Pushes the `bytes` bytes of `name` read from `body` (the socket's push), streamed.
+    pub async fn push_from(
+        &self,
+        name: &str,
+        bytes: u64,
+        body: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Result<Pushed, WalError> {
+        let r = match self.system_identifier() {
+            Ok(sysid) => self.archive.push_from(name, bytes, body, sysid).await,
+            Err(e) => Err(e),
+        };
+        self.record(name, r)
+    }
+
+    fn record(&self, name: &str, r: Result<Pushed, WalError>) -> Result<Pushed, WalError> {
         let mut s = self.stats.lock().expect("stats lock");
         match &r {
             Ok(p) => {
@@ -373,9 +391,13 @@ async fn handle(server: &Arc<WalServer>, stream: UnixStream) -> Result<(), Strin
                 let a = Answer { error: format!("{bytes} bytes is more than a WAL file holds"), ..Default::default() };
                 return answer(&mut w, &a, None).await.map_err(|e| e.to_string());
             }
-            let mut plain = vec![0u8; bytes as usize];
-            r.read_exact(&mut plain).await.map_err(|e| format!("reading {name}: {e}"))?;
-            let a = match server.push(&name, plain).await {
+            // Whatever the push did not read (it refused after the header, it failed) is read
+            // and dropped before the answer: the client is still writing, and reads the answer
+            // only once it is done.
+            let mut body = (&mut r).take(bytes);
+            let pushed = server.push_from(&name, bytes, &mut body).await;
+            let _ = tokio::io::copy(&mut body, &mut tokio::io::sink()).await;
+            let a = match pushed {
                 Ok(p) => Answer { ok: true, pushed: Some(p), ..Default::default() },
                 Err(e) => Answer { error: e.to_string(), ..Default::default() },
             };
