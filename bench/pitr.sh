@@ -22,8 +22,9 @@
 # tls=n). PITR_PGBR_REPO=posix puts it on the box's disk instead (a tmpfs: a lower bound for its time).
 # Both compress with zstd level 3 and encrypt (caretaker: age; pgBackRest: aes-256-cbc); pgBackRest
 # uses process-max = the number of cores for backup and restore.
-# caretaker is the DEBUG build (target/debug/caretaker, copied so a rebuild during the run changes
-# nothing; its own code at opt-level 0, dependencies at 1): an image ships the release build.
+# caretaker is the DEBUG build by default (target/debug/caretaker, copied so a rebuild during the run
+# changes nothing; its own code at opt-level 0, dependencies at 1); PITR_BIN=target/release/caretaker
+# measures the release build, which is what an image ships.
 # Targets: archiving never falls behind pgbench (.ready bounded: max ≤ 16, caretaker's backlog
 # alert, and ≤ 2 when the load ends), PITR restore ≤ 1.0 × pgBackRest, RSS ≤ 40 MiB.
 # Usage: bench/pitr.sh [SCALE [SECONDS [WAL_MIB]]]   (as root, after dev/setup; default 70 120 1024:
@@ -42,7 +43,7 @@ cd "$repo"
 (( EUID == 0 )) || { echo "run as root" >&2; exit 2; }
 source bench/lib/daemon-pid.sh
 
-bin=target/debug/caretaker
+bin=${PITR_BIN:-target/debug/caretaker}
 [[ -x $bin ]] || { echo "$bin is missing: build it first (cargo build)" >&2; exit 2; }
 if [[ ! -x .tools/bin/s3s-fs ]]; then
     echo "installing s3s-fs into .tools (once, ~4 min)..." >&2
@@ -109,7 +110,7 @@ c0=$(cpu); sleep 3; background=$(fmt "($(cpu) - $c0) / 3 / $cores * 100" 0)
 # change the binary under a running benchmark).
 mkdir -p "$work/target/debug"
 cp "$bin" "$work/target/debug/caretaker"
-bin_note="target/debug/caretaker of $(date -r "$bin" '+%F %T'), HEAD $(git rev-parse --short HEAD)"
+bin_note="$bin of $(date -r "$bin" '+%F %T'), HEAD $(git rev-parse --short HEAD)"
 if [[ -n $(find src -newer "$bin" -type f -print -quit) ]] || ! git diff --quiet HEAD -- src; then
     bin_note+=" (src/ has changes since: the binary may not be what src/ says)"
 fi

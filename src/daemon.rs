@@ -145,7 +145,12 @@ async fn start_background(
     let alerts = build_alerts(&cfg).await;
     jobs.set_alerts(alerts.clone());
     if cfg.backup.bucket.is_some() {
-        tokio::spawn(serve_wal(cfg.clone(), alerts.clone(), systemd.clone(), status, cancel.clone()));
+        tokio::spawn(serve_wal(cfg.clone(), alerts.clone(), systemd.clone(), status.clone(), cancel.clone()));
+    }
+    if cfg.metrics.enabled {
+        tokio::spawn(serve_metrics(cfg.clone(), services.subscribe(), status.clone(), cancel.clone()));
+    } else {
+        info!("CloudWatch metrics are off (metrics.enabled = false): nothing outside the box notices if it dies");
     }
     reconcile_releases(&cfg, systemd.as_ref(), &alerts).await;
     if cfg.backup.bucket.is_some() {
@@ -231,6 +236,92 @@ async fn serve_wal(
     if let Ok(Err(e)) = serving.await {
         error!("the WAL socket stopped: {e}");
     }
+}
+
+/// The CloudWatch metrics until `cancel`: a sample of the services, the backups (listed at start,
+/// after every recorded backup/drill/prune, and hourly), the data volume and WAL archiving.
+async fn serve_metrics(
+    cfg: Arc<crate::config::Config>,
+    services: watch::Receiver<Vec<ServiceStatus>>,
+    status: Arc<Mutex<DaemonStatus>>,
+    cancel: CancellationToken,
+) {
+    use crate::metrics::{BackupAges, Sample, WalNumbers};
+    let region = loop {
+        match crate::aws::region::resolve(&cfg.aws).await {
+            Ok(r) => break r.name,
+            Err(e) => {
+                error!("CloudWatch metrics cannot start: {e} (retrying in 60 s)");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+            }
+        }
+    };
+    let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
+    let cloudwatch = crate::aws::cloudwatch::CloudWatch::new(crate::aws::sdk::cloudwatch_client(&sdk, &cfg.aws));
+    let backups: Arc<Mutex<Vec<BackupAges>>> = Arc::default();
+    if cfg.backup.bucket.is_some() {
+        let (cfg, backups, cancel) = (cfg.clone(), backups.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut records = crate::control::runs::watch_records();
+            loop {
+                match crate::backup::run::s3_for(&cfg).await {
+                    Ok(s3) => match crate::backup::run::newest(&cfg, &s3).await {
+                        Ok(list) => {
+                            *backups.lock().unwrap_or_else(|p| p.into_inner()) = list
+                                .into_iter()
+                                .map(|n| BackupAges {
+                                    kind: n.kind.as_str(),
+                                    newest: n.newest,
+                                    newest_verified: n.newest_verified,
+                                    oldest: n.oldest,
+                                })
+                                .collect()
+                        }
+                        // The ages known so far stay (and grow): a listing that fails never
+                        // makes a backup look newer.
+                        Err(e) => warn!("metrics: cannot list the backups: {e}"),
+                    },
+                    Err(e) => warn!("metrics: {e}"),
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = records.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                }
+            }
+        });
+    }
+    let mount_point = cfg.volume.mount_point.clone();
+    let archive_timeout = cfg.backup.archive_timeout.get().as_secs();
+    let sample_status = status.clone();
+    let sample = move || {
+        let s = sample_status.lock().unwrap_or_else(|p| p.into_inner());
+        let svcs = services.borrow();
+        Sample {
+            at: std::time::SystemTime::now(),
+            services: svcs
+                .iter()
+                .map(|v| (v.name.clone(), v.state == crate::supervise::supervisor::SvcState::Healthy))
+                .collect(),
+            restarts: svcs.iter().map(|v| u64::from(v.restarts)).sum(),
+            backups: backups.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            volume: crate::backup::room::measure(&mount_point).ok().map(|r| (r.free, r.total)),
+            wal: s.wal.as_ref().map(|w| {
+                let lag = w.lag_seconds.unwrap_or(0);
+                WalNumbers {
+                    lag_seconds: lag,
+                    lag_bytes: w.ready as u64 * crate::backup::wal::name::DEFAULT_SEGMENT_SIZE,
+                    rpo_seconds: lag + archive_timeout,
+                }
+            }),
+        }
+    };
+    let publish = move |m| status.lock().unwrap_or_else(|p| p.into_inner()).metrics = Some(m);
+    let instance = crate::backup::run::instance_id();
+    crate::metrics::run(cfg.metrics.clone(), cfg.deployment(), instance, cloudwatch, sample, publish, cancel).await;
 }
 
 /// PostgreSQL's archiving settings as configured (ALTER SYSTEM), once PostgreSQL answers; a
@@ -451,6 +542,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         recent_jobs: vec![],
         schedule: None,
         wal: None,
+        metrics: None,
     }));
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(8);
 

@@ -29,13 +29,15 @@ pub mod doctor;
 pub mod backup;
 /// Boot: the data volume and secrets.
 pub mod boot;
+/// CloudWatch metrics: samples of the box, published with a bounded queue and backoff.
+pub mod metrics;
 /// Releases of the API: fetch, verify, switch, health gate, roll back.
 pub mod release;
 /// Supervision of postgres, redis and the API.
 pub mod supervise;
 
 // ---- adapters
-/// AWS clients (IMDS, SSM, S3, SES) and the one region resolver; the only users of the SDK.
+/// AWS clients (IMDS, SSM, S3, SES, CloudWatch) and the one region resolver; the only users of the SDK.
 pub mod aws;
 /// Calendar expressions (a subset of systemd's `OnCalendar=`) and random delays.
 pub mod calendar;

@@ -431,6 +431,22 @@ async fn status(bus: &Option<String>, args: StatusArgs) -> u8 {
                         }
                     }
                 }
+                if let Some(m) = &s.metrics {
+                    let failing = match (&m.failing_since, &m.last_error) {
+                        (Some(since), Some(e)) => format!("; FAILING since {since}: {e}"),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "  metrics:  {} (Deployment={}) every {} s; last published {}; {} failure(s), {} queued, {} dropped{failing}",
+                        m.namespace,
+                        m.deployment,
+                        m.interval_seconds,
+                        m.last_published_at.as_deref().unwrap_or("never"),
+                        m.failures,
+                        m.queued,
+                        m.dropped
+                    );
+                }
                 if let Some(job) = &s.current_job {
                     println!("  job:      {} ({}) since {}: {}", job.description, job.id, job.started_at, job.progress);
                 }

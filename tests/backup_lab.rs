@@ -16,6 +16,12 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     // This box holds only the public recipient, and the key that seals manifests.
     let seal_key = "BACKUP_SEAL_KEY=0123456789abcdef0123456789abcdef\n";
     b.write_file("/run/caretaker/env/caretaker.env", seal_key.as_bytes(), 0o600).unwrap();
+    // CloudWatch metrics on, into the same moto.
+    let metrics = format!(
+        "[aws]\ncloudwatch-endpoint = \"{}\"\n[metrics]\nenabled = true\ninterval = \"10s\"\ndeployment = \"lab/bk-now\"\n",
+        moto.endpoint()
+    );
+    b.write_file("/etc/caretaker/caretaker.d/55-metrics.toml", metrics.as_bytes(), 0o644).unwrap();
     b.sh_ok(
         "runuser -u postgres -- psql -qc 'create database zmanim' && \
          runuser -u postgres -- psql -d zmanim -qc \"create table cities(id int primary key, name text); \
@@ -62,6 +68,29 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     assert!(plain.starts_with(b"PGDMP"), "a pg_dump custom-format archive");
     assert_eq!(hex::encode(sha2::Sha256::digest(&plain)), pg["plain_sha256"].as_str().unwrap());
     assert!(!obj.body.windows(8).any(|w| w == b"city 123"), "plaintext in the stored object");
+
+    // The daemon's metrics: the heartbeat, and the backups' ages once the backup was recorded.
+    let list_metrics = |name: &str| {
+        let body = format!("Action=ListMetrics&Version=2010-08-01&Namespace=Caretaker&MetricName={name}");
+        moto.query("monitoring", "us-east-1", &body).unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ages = list_metrics("LastBackupAgeSeconds");
+        if ages.contains("<Value>postgres</Value>") && ages.contains("<Value>redis</Value>") {
+            assert!(ages.contains("<Value>lab/bk-now</Value>"), "{ages}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no backup ages published: {ages}\n{}", b.journal("caretaker"));
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert!(list_metrics("Heartbeat").contains("<Value>lab/bk-now</Value>"));
+    // (Supervision is off and no volume is mounted in this box: no ServiceHealthy or
+    // DataVolumeFree*; supervise_lab sees the services.)
+    assert!(list_metrics("RestartsTotal").contains("<Value>lab/bk-now</Value>"));
+    let status: serde_json::Value = serde_json::from_str(&b.sh_ok("caretaker status --json")).unwrap();
+    let m = &status["daemon"]["metrics"];
+    assert!(m["last_published_at"].is_string() && m["failures"] == 0, "{status}");
 }
 
 #[test]

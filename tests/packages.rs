@@ -51,6 +51,7 @@ fn expected() -> BTreeSet<String> {
         "/usr/lib/tmpfiles.d/caretaker.conf",
         "/usr/share/caretaker/caretaker.toml.example",
         "/usr/share/caretaker/iam/caretaker-policy.json",
+        "/usr/share/caretaker/cloudwatch/alarms.json",
         "/usr/share/caretaker/aws/protect-backup-bucket",
         "/usr/lib/caretaker/imds-guard.nft",
         "/usr/share/man/man1/caretaker.1.gz",

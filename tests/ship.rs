@@ -34,8 +34,9 @@ fn which(program: &str) -> Option<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // IAM
 
-/// Actions AWS only authorizes against `"Resource": "*"` (no resource-level permissions).
-const NEED_STAR_RESOURCE: &[&str] = &["ses:GetIdentityVerificationAttributes"];
+/// Actions AWS only authorizes against `"Resource": "*"` (no resource-level permissions);
+/// PutMetricData is limited by its namespace condition instead.
+const NEED_STAR_RESOURCE: &[&str] = &["ses:GetIdentityVerificationAttributes", "cloudwatch:PutMetricData"];
 
 fn strings(v: &Value) -> Vec<String> {
     match v {
@@ -136,6 +137,11 @@ fn iam_problems(policy: &Value) -> Vec<String> {
     {
         problems.push("s3:GetObject on the releases prefix is missing".into());
     }
+    let put = granting(policy, "cloudwatch:PutMetricData");
+    if put.is_empty() || put.iter().any(|s| s["Condition"]["StringEquals"]["cloudwatch:namespace"] != "Caretaker") {
+        problems
+            .push("cloudwatch:PutMetricData must be limited to the Caretaker namespace (cloudwatch:namespace)".into());
+    }
     let send = granting(policy, "ses:SendEmail");
     if send.is_empty() || send.iter().any(|s| s["Condition"]["StringEquals"]["ses:FromAddress"].is_null()) {
         problems.push("ses:SendEmail must be limited by a ses:FromAddress condition".into());
@@ -177,6 +183,8 @@ fn iam_problems(policy: &Value) -> Vec<String> {
         "ses:GetIdentityVerificationAttributes",
         "s3:GetBucketVersioning",
         "s3:GetBucketObjectLockConfiguration",
+        "cloudwatch:PutMetricData",
+        "cloudwatch:DescribeAlarms",
     ]
     .map(String::from)
     .into();
@@ -205,6 +213,13 @@ fn the_iam_policy_grants_only_what_caretaker_does() {
     let mut no_via = policy.clone();
     no_via["Statement"][1].as_object_mut().unwrap().remove("Condition");
     assert!(iam_problems(&no_via).iter().any(|p| p.contains("ViaService")));
+    let mut any_namespace = policy.clone();
+    for s in any_namespace["Statement"].as_array_mut().unwrap() {
+        if s["Action"] == "cloudwatch:PutMetricData" {
+            s.as_object_mut().unwrap().remove("Condition");
+        }
+    }
+    assert!(iam_problems(&any_namespace).iter().any(|p| p.contains("cloudwatch:namespace")));
     let mut no_deny = policy.clone();
     no_deny["Statement"].as_array_mut().unwrap().retain(|s| s["Effect"] != "Deny");
     assert!(iam_problems(&no_deny).iter().any(|p| p.contains("DeleteObjectVersion")));

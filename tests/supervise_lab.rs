@@ -44,6 +44,7 @@ fn rig(prefix: &str, services: bool, extra_config: &str) -> Rig {
 [aws]
 region = "eu-west-1"
 ses-endpoint = "{endpoint}"
+cloudwatch-endpoint = "{endpoint}"
 
 [notify]
 sender = "{SENDER}"
@@ -174,7 +175,7 @@ fn provisioning_never_touches_an_existing_database() {
 
 #[test]
 fn a_frozen_api_is_restarted_and_the_restart_shows_in_status() {
-    let r = rig("sv-freeze", true, "");
+    let r = rig("sv-freeze", true, "[metrics]\nenabled = true\ninterval = \"10s\"\ndeployment = \"lab/sv\"\n");
     r.b.sh_ok("systemctl start zmanim-api.service caretaker.service");
     r.wait_all_healthy();
     let pid = r.prop("zmanim-api.service", "MainPID");
@@ -188,6 +189,32 @@ fn a_frozen_api_is_restarted_and_the_restart_shows_in_status() {
     assert!(took < Duration::from_secs(15), "took {took:?}");
     let human = r.b.sh_ok("caretaker status");
     assert!(human.contains("api") && human.contains("restarts 1"), "{human}");
+
+    // CloudWatch saw it: the restart counted, and the API healthy again.
+    let now = std::time::SystemTime::now();
+    let stat = |metric: &str, dims: &str, statistic: &str| {
+        let body = format!(
+            "Action=GetMetricStatistics&Version=2010-08-01&Namespace=Caretaker&MetricName={metric}\
+             &Dimensions.member.1.Name=Deployment&Dimensions.member.1.Value=lab%2Fsv{dims}\
+             &StartTime={}&EndTime={}&Period=60&Statistics.member.1={statistic}",
+            humantime::format_rfc3339_seconds(now - Duration::from_secs(600)),
+            humantime::format_rfc3339_seconds(now + Duration::from_secs(600)),
+        );
+        r.moto.query("monitoring", "eu-west-1", &body).unwrap()
+    };
+    let api = "&Dimensions.member.2.Name=Service&Dimensions.member.2.Value=api";
+    let end = Instant::now() + Duration::from_secs(40);
+    while !(stat("RestartsTotal", "", "Maximum").contains("<Maximum>1.0</Maximum>")
+        && stat("ServiceHealthy", api, "Maximum").contains("<Maximum>1.0</Maximum>"))
+    {
+        assert!(
+            Instant::now() < end,
+            "CloudWatch has no restart or healthy api: {}\n{}",
+            stat("RestartsTotal", "", "Maximum"),
+            stat("ServiceHealthy", api, "Maximum")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 #[test]

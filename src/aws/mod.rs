@@ -1,5 +1,7 @@
 //! One module per AWS service, each with its own client and error type.
 
+/// CloudWatch: custom metrics and the alarms on them.
+pub mod cloudwatch;
 /// The instance metadata service, IMDSv2 only.
 pub mod imds;
 /// The one region resolver.

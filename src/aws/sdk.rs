@@ -94,6 +94,15 @@ pub fn ses_client(sdk: &SdkConfig, aws: &AwsConfig) -> aws_sdk_ses::Client {
     aws_sdk_ses::Client::from_conf(conf.build())
 }
 
+/// The CloudWatch client, at `aws.cloudwatch-endpoint` when set.
+pub fn cloudwatch_client(sdk: &SdkConfig, aws: &AwsConfig) -> aws_sdk_cloudwatch::Client {
+    let mut conf = aws_sdk_cloudwatch::config::Builder::from(sdk);
+    if let Some(url) = &aws.cloudwatch_endpoint {
+        conf = conf.endpoint_url(url);
+    }
+    aws_sdk_cloudwatch::Client::from_conf(conf.build())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

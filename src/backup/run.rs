@@ -462,6 +462,44 @@ pub fn verified_by(keys: &SealKeys, m: &Manifest, bytes: &[u8]) -> bool {
 /// `verify.json`, stored beside a backup by a restore drill.
 pub const VERIFY: &str = "verify.json";
 
+/// The newest backup of a kind and the newest one that passed its drill (for the metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Newest {
+    pub kind: Kind,
+    /// When the newest backup finished, and its stored bytes.
+    pub newest: Option<(SystemTime, u64)>,
+    /// When the newest verified backup finished.
+    pub newest_verified: Option<SystemTime>,
+    /// When the oldest backup finished.
+    pub oldest: Option<SystemTime>,
+}
+
+/// [`Newest`] of every kind: one listing per kind, and drill reports read from the newest backup
+/// down until one verified (at most 60: an older verified backup counts as none).
+pub async fn newest(cfg: &Config, s3: &S3) -> Result<Vec<Newest>, BackupError> {
+    let bucket = cfg.backup.bucket.clone().ok_or(BackupError::NoBucket)?;
+    let keys = SealKeys::for_config(cfg)?;
+    let finished = |m: &Manifest| humantime::parse_rfc3339(&m.finished_at).ok();
+    let mut out = Vec::new();
+    for kind in Kind::all_for(cfg) {
+        let backups = listing_with(cfg, s3, kind, &keys).await?.backups;
+        let newest = backups.last().and_then(|m| Some((finished(m)?, m.stored_bytes)));
+        let mut newest_verified = None;
+        for m in backups.iter().rev().take(60) {
+            let key = format!("{}{VERIFY}", folder(&cfg.backup.prefix, kind, &m.id));
+            if let Ok(Some(bytes)) = s3.get_small(&bucket, &key, MANIFEST_MAX).await
+                && verified_by(&keys, m, &bytes)
+            {
+                newest_verified = finished(m);
+                break;
+            }
+        }
+        let oldest = backups.first().and_then(finished);
+        out.push(Newest { kind, newest, newest_verified, oldest });
+    }
+    Ok(out)
+}
+
 /// What pruning did (or, dry, would do): per backup, kept or deleted and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneReport {

@@ -41,6 +41,7 @@ pub struct Config {
     pub provision: ProvisionConfig,
     pub backup: BackupConfig,
     pub release: ReleaseConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// The daemon itself.
@@ -95,6 +96,7 @@ pub struct AwsConfig {
     pub s3_endpoint: Option<String>,
     pub ssm_endpoint: Option<String>,
     pub ses_endpoint: Option<String>,
+    pub cloudwatch_endpoint: Option<String>,
 }
 
 impl Default for AwsConfig {
@@ -106,6 +108,7 @@ impl Default for AwsConfig {
             s3_endpoint: None,
             ssm_endpoint: None,
             ses_endpoint: None,
+            cloudwatch_endpoint: None,
         }
     }
 }
@@ -363,6 +366,44 @@ pub struct NotifyConfig {
 impl Default for NotifyConfig {
     fn default() -> Self {
         NotifyConfig { sender: None, recipients: vec![], max_per_hour: 12, subject_prefix: "[caretaker]".into() }
+    }
+}
+
+/// CloudWatch metrics (the dead man's switch: alarms in CloudWatch fire when they stop coming).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Publish metrics (off: nothing is sent, and `caretaker doctor` says that nobody would hear
+    /// of a dead box).
+    pub enabled: bool,
+    /// How often a sample is taken and published (CloudWatch's standard resolution is a minute).
+    pub interval: Seconds,
+    /// The CloudWatch namespace.
+    pub namespace: String,
+    /// The `Deployment` dimension, which the alarms watch; unset: `backup.prefix`. It outlives the
+    /// instance (a replaced instance keeps its deployment's alarms).
+    pub deployment: Option<String>,
+    /// Samples kept while CloudWatch cannot be reached (at one per interval: 360 is 6 hours at
+    /// 60 s); older ones are dropped, and counted.
+    pub max_queued: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: false,
+            interval: Seconds::from_secs(60),
+            namespace: "Caretaker".into(),
+            deployment: None,
+            max_queued: 360,
+        }
+    }
+}
+
+impl Config {
+    /// The `Deployment` dimension of the metrics.
+    pub fn deployment(&self) -> String {
+        self.metrics.deployment.clone().unwrap_or_else(|| self.backup.prefix.clone())
     }
 }
 

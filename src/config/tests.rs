@@ -95,6 +95,12 @@ fn bad_values_are_rejected() {
         ("[release]\npublic-key = \"abc\"\n", "64 hex digits"),
         ("[release]\nartifact = \"../bin/sh\"\n", "release.artifact"),
         ("[release]\nhealth-gate-consecutive = 0\n", "at least 1"),
+        ("[aws]\ncloudwatch-endpoint = \"monitoring\"\n", "aws.cloudwatch-endpoint"),
+        ("[metrics]\ninterval = \"1s\"\n", "between 10s and 1h"),
+        ("[metrics]\nnamespace = \"AWS/EC2\"\n", "metrics.namespace"),
+        ("[metrics]\ndeployment = \"zmanim prod\"\n", "without spaces"),
+        ("[metrics]\nmax-queued = 0\n", "metrics.max-queued"),
+        ("[metrics]\nenabled = \"yes\"\n", "metrics.enabled"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "caretaker.toml", text);

@@ -38,6 +38,7 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
         ("aws.s3-endpoint", &config.aws.s3_endpoint),
         ("aws.ssm-endpoint", &config.aws.ssm_endpoint),
         ("aws.ses-endpoint", &config.aws.ses_endpoint),
+        ("aws.cloudwatch-endpoint", &config.aws.cloudwatch_endpoint),
     ] {
         if let Some(v) = value {
             url_check(key, v)?;
@@ -50,6 +51,27 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     }
     if config.aws.imds_deadline.get() < Duration::from_secs(1) {
         return Err(fail("aws.imds-deadline", "must be at least 1s".into()));
+    }
+    let m = &config.metrics;
+    if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&m.interval.get()) {
+        return Err(fail("metrics.interval", "must be between 10s and 1h".into()));
+    }
+    let dimension_ok = |v: &str| !v.is_empty() && v.len() <= 255 && v.bytes().all(|b| (0x21..0x7f).contains(&b));
+    if !dimension_ok(&m.namespace) || m.namespace.starts_with("AWS/") || m.namespace.contains(':') {
+        return Err(fail(
+            "metrics.namespace",
+            format!("`{}`: 1 to 255 printable ASCII characters, no spaces or `:`, not starting with AWS/", m.namespace),
+        ));
+    }
+    let deployment = config.deployment();
+    if !dimension_ok(&deployment) {
+        return Err(fail_among(
+            &["metrics.deployment", "backup.prefix"],
+            format!("the deployment `{deployment}` must be 1 to 255 printable ASCII characters without spaces"),
+        ));
+    }
+    if !(1..=20_160).contains(&m.max_queued) {
+        return Err(fail("metrics.max-queued", "must be between 1 and 20160 (two weeks of minutes)".into()));
     }
     url_check("services.api.health-url", &config.services.api.health_url)?;
     let redis = &config.services.redis.url;

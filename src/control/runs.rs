@@ -34,8 +34,12 @@ fn save_state(path: &Path, s: &State) {
 }
 
 static STATE_LOCK: Mutex<()> = Mutex::new(());
-/// Wakes the schedule loop after a run was recorded (status then shows it at once).
+/// Wakes the schedule loop after a run was recorded (status then shows it at once). One waiter:
+/// a record while it does not wait is kept for its next wait.
 static RECORDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// How many runs were recorded, for every other watcher (the metrics' backup listing).
+static RECORD_COUNT: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::channel(0).0);
 
 /// What ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +60,15 @@ pub fn record(what: Run, at: SystemTime, ok: bool) {
     }
     save_state(&path, &s);
     RECORDED.notify_one();
+    RECORD_COUNT.send_modify(|n| *n += 1);
 }
 
-/// Resolves after the next [`record`].
-pub async fn recorded() {
+/// A receiver that sees every [`record`] after this call (`changed()`), each watcher its own.
+pub fn watch_records() -> tokio::sync::watch::Receiver<u64> {
+    RECORD_COUNT.subscribe()
+}
+
+/// Resolves after the next [`record`] (the schedule loop's; others use [`watch_records`]).
+pub(super) async fn recorded() {
     RECORDED.notified().await
 }

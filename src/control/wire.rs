@@ -32,6 +32,9 @@ pub struct DaemonStatus {
     /// WAL archiving and the point-in-time recovery window (none when off).
     #[serde(default)]
     pub wal: Option<crate::backup::wal::monitor::WalStatus>,
+    /// CloudWatch metrics publishing (none when off).
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::MetricsStatus>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::{Check, Options, human_age, plural};
+use crate::aws::cloudwatch::CloudWatch;
 use crate::aws::s3::{S3, ServerDate, http_date_secs};
 use crate::aws::ses::SesClient;
 use crate::aws::ssm::{SsmClient, SsmError};
@@ -87,6 +88,55 @@ pub(super) async fn check_ses(cfg: &Config, ses: &SesClient, deadline: Duration)
             format!(
                 "verify it: `aws ses verify-email-identity --email-address {sender}` (or verify the domain), and leave the SES sandbox for outside recipients"
             ),
+        )
+    }
+}
+
+/// Metrics are on, and the alarms on them exist in CloudWatch and are OK (deployed from
+/// packaging/cloudwatch/alarms.json: their names start with `caretaker-DEPLOYMENT-`).
+pub(super) async fn check_alarms(cfg: &Config, cloudwatch: &CloudWatch, deadline: Duration) -> Check {
+    let deploy = "deploy them: aws cloudformation deploy --template-file /usr/share/caretaker/cloudwatch/alarms.json --stack-name caretaker-alarms --parameter-overrides Deployment=… DeploymentName=… AlertEmail=… (README: Metrics and alarms)";
+    if !cfg.metrics.enabled {
+        return Check::skip(
+            "alarms",
+            "metrics.enabled is false: if the box dies, nothing tells anyone (its own emails die with it); turn metrics on and deploy the alarms (README: Metrics and alarms)",
+        );
+    }
+    let prefix = format!("caretaker-{}-", cfg.deployment());
+    let alarms = match tokio::time::timeout(deadline, cloudwatch.alarms(&prefix)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            return Check::fail(
+                "alarms",
+                e.to_string(),
+                "the instance role needs cloudwatch:DescribeAlarms on caretaker-* alarms (caretaker's IAM policy); check aws.cloudwatch-endpoint and the way to CloudWatch",
+            );
+        }
+        Err(_) => {
+            return Check::fail(
+                "alarms",
+                format!("CloudWatch did not answer within {deadline:?}"),
+                "check aws.cloudwatch-endpoint and the way to CloudWatch (the monitoring VPC endpoint or internet)",
+            );
+        }
+    };
+    let heartbeat = format!("{prefix}heartbeat");
+    if !alarms.iter().any(|a| a.name == heartbeat) {
+        let found = if alarms.is_empty() { "no alarm".to_string() } else { plural(alarms.len(), "other alarm") };
+        return Check::fail("alarms", format!("{heartbeat} does not exist ({found} named {prefix}*)"), deploy);
+    }
+    let not_ok: Vec<String> = alarms
+        .iter()
+        .filter(|a| a.state != "OK")
+        .map(|a| format!("{} is {}: {}", a.name, a.state, a.reason.chars().take(160).collect::<String>()))
+        .collect();
+    if not_ok.is_empty() {
+        Check::ok("alarms", format!("{} named {prefix}*, all OK", plural(alarms.len(), "alarm")))
+    } else {
+        Check::fail(
+            "alarms",
+            format!("{} of {} not OK: {}", not_ok.len(), plural(alarms.len(), "alarm"), not_ok.join("; ")),
+            "each alarm's description says what it means and what to run; INSUFFICIENT_DATA right after deploying clears within a few intervals, if it stays: `caretaker status` (metrics line)",
         )
     }
 }

@@ -205,18 +205,21 @@ pub async fn run(sources: &Sources, opts: &Options) -> Report {
             let ssm = SsmClient::new(sdk::ssm_client(&sdk, &cfg.aws));
             let ses = SesClient::new(sdk::ses_client(&sdk, &cfg.aws));
             let s3 = S3::new(sdk::s3_client(&sdk, &cfg.aws));
-            let (ssm, ses, buckets) = tokio::join!(
+            let cloudwatch = crate::aws::cloudwatch::CloudWatch::new(sdk::cloudwatch_client(&sdk, &cfg.aws));
+            let (ssm, ses, alarms, buckets) = tokio::join!(
                 aws::check_ssm(cfg, ssm, opts.aws_deadline),
                 aws::check_ses(cfg, &ses, opts.aws_deadline),
+                aws::check_alarms(cfg, &cloudwatch, opts.aws_deadline),
                 aws::check_buckets(cfg, &s3, opts, &date),
             );
             checks.push(ssm);
             checks.push(ses);
+            checks.push(alarms);
             checks.extend(buckets);
             checks.push(aws::check_clock(cfg, &date, opts.clock_tolerance));
         }
         None => {
-            for name in ["ssm", "ses", "backups", "releases", "clock"] {
+            for name in ["ssm", "ses", "alarms", "backups", "releases", "clock"] {
                 checks.push(Check::skip(name, "no AWS region (see above)"));
             }
         }

@@ -225,6 +225,22 @@ impl Moto {
         }
     }
 
+    /// A query-protocol call (a form-encoded `Action=…` body) to `service` (its SigV4 name, e.g.
+    /// `monitoring` for CloudWatch) in `region`, which picks moto's backend; the answer's body.
+    pub fn query(&self, service: &str, region: &str, body: &str) -> anyhow::Result<String> {
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential=testing/20260101/{region}/{service}/aws4_request, SignedHeaders=host, Signature=0"
+        );
+        let r = self.request(
+            "POST",
+            "/",
+            &[("Content-Type", "application/x-www-form-urlencoded"), ("Authorization", &auth)],
+            body.as_bytes(),
+        )?;
+        anyhow::ensure!(r.status == 200, "{service} {body}: {} {}", r.status, r.text());
+        Ok(r.text())
+    }
+
     /// The `Authorization` header of an S3 request moto accepts (us-east-1, the test keys).
     pub fn s3_auth() -> (&'static str, &'static str) {
         (
