@@ -147,7 +147,57 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
             return exit::CONFIG;
         }
     };
-    match caretaker::boot::firstboot::run(&loaded.config).await {
+    use caretaker::backup::at_boot::{self, AtBoot, AtBootError};
+    use caretaker::boot::firstboot::{RecoverError, Recovered};
+    let cfg = std::sync::Arc::new(loaded.config.clone());
+    let recover = {
+        let cfg = cfg.clone();
+        move || {
+            let cfg = cfg.clone();
+            Box::pin(async move {
+                let progress = |line: String| tracing::info!("recovery at boot: {line}");
+                match at_boot::restore_newest(&cfg, &progress).await {
+                    Ok(AtBoot::Restored { summary, details }) => Ok(Recovered::Restored { summary, details }),
+                    Ok(AtBoot::NothingToRestore(why)) => Ok(Recovered::NothingToRestore(why)),
+                    Err(AtBootError::Unreadable(e)) => Err(RecoverError::Unreadable(e)),
+                    Err(AtBootError::Refused(e)) => Err(RecoverError::Refused(e)),
+                }
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        }
+    };
+    // One alert while the backups cannot be read (the box waits, nothing starts), resolved after.
+    let alerts: std::sync::Arc<tokio::sync::OnceCell<caretaker::notify::Alerts>> = Default::default();
+    let on_wait = {
+        let (cfg, alerts) = (cfg.clone(), alerts.clone());
+        move |why: Option<&str>| {
+            let (cfg, alerts, why) = (cfg.clone(), alerts.clone(), why.map(str::to_string));
+            tokio::spawn(async move {
+                let a = alerts.get_or_init(|| caretaker::daemon::build_alerts(&cfg)).await;
+                match why {
+                    Some(why) => {
+                        a.open(
+                            "boot:recovery",
+                            caretaker::notify::Alert {
+                                subject: "a new box waits for its backups: nothing is started".into(),
+                                what_failed: format!("The data volume is blank and backups are configured, but {why}"),
+                                what_done: "PostgreSQL was not initialised and no data service was started: an empty \
+                                            database never replaces the real one. caretaker-firstboot retries."
+                                    .into(),
+                                what_safe: "The backups in S3 are untouched.".into(),
+                                next: "systemctl status caretaker-firstboot; journalctl -u caretaker-firstboot -n 50; \
+                                       check S3 access (caretaker doctor)"
+                                    .into(),
+                            },
+                        );
+                    }
+                    None => {
+                        a.resolve("boot:recovery", "S3 answered: the restore at boot goes on.");
+                    }
+                }
+            });
+        }
+    };
+    match caretaker::boot::firstboot::run(&loaded.config, Some(&recover), &on_wait).await {
         Ok(report) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("json"));
@@ -173,6 +223,11 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
                     if report.data_dirs.initialised { ", PostgreSQL initialised" } else { "" }
                 );
                 println!("secrets  {}", report.secrets);
+                match &report.recovery.outcome {
+                    Some(Recovered::Restored { summary, .. }) => println!("recovery {summary}"),
+                    Some(Recovered::NothingToRestore(why)) => println!("recovery nothing to restore: {why}"),
+                    None => {}
+                }
                 println!("done in {} ms", report.took_ms);
             }
             exit::OK

@@ -2,6 +2,8 @@
 
 /// The alert emails of backups and drills.
 pub mod alerts;
+/// The restore firstboot runs on a blank volume: the newest base backup and WAL.
+pub mod at_boot;
 /// Physical base backups (pg_basebackup), the start of point-in-time recovery.
 pub mod base;
 /// The way back: S3 → age → zstd → a sink, hashed.

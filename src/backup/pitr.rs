@@ -150,10 +150,18 @@ async fn histories(archive: &Archive, files: &[WalFile]) -> Result<BTreeMap<u32,
 /// first) and the window.
 pub struct Survey {
     usable: Vec<(Manifest, BaseDetails, Chain)>,
-    reasons: Vec<String>,
+    /// Why base backups that exist cannot be used.
+    pub reasons: Vec<String>,
     pub any_base: bool,
     pub window: Window,
     segment_size: u64,
+}
+
+impl Survey {
+    /// Base backups restorable with their WAL.
+    pub fn usable(&self) -> usize {
+        self.usable.len()
+    }
 }
 
 /// Lists base backups and the WAL archive and checks each backup's chain.

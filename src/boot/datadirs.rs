@@ -84,8 +84,15 @@ fn ensure_dir(dir: &Path, user: &str, mode: u32) -> Result<(bool, bool), DataDir
     Ok((created, rechowned))
 }
 
-/// Prepares the PostgreSQL and Redis folders.
+/// Prepares the PostgreSQL and Redis folders, and initialises an empty PostgreSQL directory.
 pub fn prepare(services: &ServicesConfig) -> Result<DataDirsOutcome, DataDirError> {
+    let mut out = prepare_dirs(services)?;
+    out.initialised = initdb_if_empty(services)?;
+    Ok(out)
+}
+
+/// The PostgreSQL and Redis folders, with their owners and modes; nothing initialised.
+pub fn prepare_dirs(services: &ServicesConfig) -> Result<DataDirsOutcome, DataDirError> {
     let mut out = DataDirsOutcome::default();
     let pg = &services.postgres;
     let redis = &services.redis;
@@ -98,6 +105,12 @@ pub fn prepare(services: &ServicesConfig) -> Result<DataDirsOutcome, DataDirErro
             out.rechowned.push(dir.clone());
         }
     }
+    Ok(out)
+}
+
+/// Runs `initdb` (as the PostgreSQL user) when the data directory is empty; whether it did.
+pub fn initdb_if_empty(services: &ServicesConfig) -> Result<bool, DataDirError> {
+    let pg = &services.postgres;
     let empty = std::fs::read_dir(&pg.data_dir).map_err(io("list", &pg.data_dir))?.next().is_none();
     if empty {
         info!(dir = %pg.data_dir.display(), "PostgreSQL data directory is empty: running initdb");
@@ -123,7 +136,7 @@ pub fn prepare(services: &ServicesConfig) -> Result<DataDirsOutcome, DataDirErro
                 stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
             });
         }
-        out.initialised = true;
+        return Ok(true);
     }
-    Ok(out)
+    Ok(false)
 }

@@ -8,6 +8,8 @@ pub mod firstboot;
 pub mod nvme;
 /// Is a device blank? Signatures, blkid, zeros.
 pub mod probe;
+/// Recovery at boot: whether a blank volume gets the newest backup.
+pub mod recovery;
 /// SSM parameters into per-service env files under /run.
 pub mod secrets;
 /// Find, check, format-if-blank, mount and grow the data volume.

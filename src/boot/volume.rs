@@ -526,6 +526,46 @@ pub struct Marker {
     pub first_formatted_at: String,
     /// Instances that mounted it, oldest first.
     pub instances: Vec<String>,
+    /// The boot (`/proc/sys/kernel/random/boot_id`) that last formatted it: recovery at boot
+    /// restores only onto a volume this very boot formatted, or one known never to have held a
+    /// cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatted_boot: Option<String>,
+    /// Whether a PostgreSQL cluster was ever on it (initialised or restored by caretaker, or found
+    /// there). Unknown (`None`) on volumes marked before caretaker recorded it: taken as "maybe".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_cluster: Option<bool>,
+}
+
+/// This boot's id (the kernel's random boot id), or "" when it cannot be read.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The marker on the volume mounted at `mp`, if it is there and readable.
+pub fn read_marker(mp: &Path) -> Option<Marker> {
+    serde_json::from_slice(&std::fs::read(mp.join(MARKER)).ok()?).ok()
+}
+
+/// Records on the marker that a PostgreSQL cluster is on the volume (idempotent).
+pub fn mark_held_cluster(mp: &Path) -> Result<(), VolumeError> {
+    let path = mp.join(MARKER);
+    let Some(mut marker) = read_marker(mp) else { return Ok(()) };
+    if marker.held_cluster == Some(true) {
+        return Ok(());
+    }
+    marker.held_cluster = Some(true);
+    write_marker(&path, &marker)
+}
+
+fn write_marker(path: &Path, marker: &Marker) -> Result<(), VolumeError> {
+    let mut text = serde_json::to_vec_pretty(marker).expect("marker serializes");
+    text.push(b'\n');
+    crate::fsutil::write_atomic(path, &text, 0o644, None).map_err(|e| VolumeError::Io {
+        action: "write",
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Reads, checks and updates the marker; returns whether it was written.
@@ -560,9 +600,13 @@ fn update_marker(
         filesystem_uuid: uuid.to_string(),
         first_formatted_at: crate::units::now_rfc3339(),
         instances: vec![],
+        formatted_boot: None,
+        held_cluster: None,
     });
     if formatted {
         marker.filesystem_uuid = uuid.to_string();
+        marker.formatted_boot = Some(boot_id());
+        marker.held_cluster = Some(false);
     }
     if marker.volume_id.is_none() {
         marker.volume_id = volume_id.map(str::to_string);
@@ -573,13 +617,7 @@ fn update_marker(
     if existing.as_ref() == Some(&marker) {
         return Ok(false);
     }
-    let mut text = serde_json::to_vec_pretty(&marker).expect("marker serializes");
-    text.push(b'\n');
-    crate::fsutil::write_atomic(&path, &text, 0o644, None).map_err(|e| VolumeError::Io {
-        action: "write",
-        path: e.path,
-        source: e.source,
-    })?;
+    write_marker(&path, &marker)?;
     Ok(true)
 }
 

@@ -42,6 +42,7 @@ pub struct Config {
     pub backup: BackupConfig,
     pub release: ReleaseConfig,
     pub metrics: MetricsConfig,
+    pub recovery: RecoveryConfig,
 }
 
 /// The daemon itself.
@@ -366,6 +367,36 @@ pub struct NotifyConfig {
 impl Default for NotifyConfig {
     fn default() -> Self {
         NotifyConfig { sender: None, recipients: vec![], max_per_hour: 12, subject_prefix: "[caretaker]".into() }
+    }
+}
+
+/// What firstboot does with a blank data volume while backups may exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBlankVolume {
+    /// Restore the newest backup before anything starts (when `backup.bucket` is set).
+    RestoreLatest,
+    /// Start with an empty database (initdb), as a box without backups does.
+    Empty,
+    /// Stop: nothing starts until an operator decides.
+    Refuse,
+}
+
+/// Recovery at boot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// A volume formatted by this boot (or one never holding a cluster) with an empty PostgreSQL
+    /// data directory: `restore-latest`, `empty` or `refuse`.
+    pub on_blank_volume: OnBlankVolume,
+    /// While S3 cannot be read, firstboot retries with a backoff up to this (it never starts an
+    /// empty database meanwhile).
+    pub retry_max: Seconds,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig { on_blank_volume: OnBlankVolume::RestoreLatest, retry_max: Seconds::from_secs(300) }
     }
 }
 

@@ -52,6 +52,9 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if config.aws.imds_deadline.get() < Duration::from_secs(1) {
         return Err(fail("aws.imds-deadline", "must be at least 1s".into()));
     }
+    if !(Duration::from_secs(5)..=Duration::from_secs(3600)).contains(&config.recovery.retry_max.get()) {
+        return Err(fail("recovery.retry-max", "must be between 5s and 1h".into()));
+    }
     let m = &config.metrics;
     if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&m.interval.get()) {
         return Err(fail("metrics.interval", "must be between 10s and 1h".into()));

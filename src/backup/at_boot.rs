@@ -1,0 +1,118 @@
+//! The restore firstboot runs on a blank volume (boot::recovery decided it), before PostgreSQL
+//! starts: the newest base backup and its WAL to the end of the archive, built and verified beside
+//! the (empty) data directory exactly as a point-in-time restore builds it, then renamed into
+//! place. Nothing is swapped: no service runs yet.
+//!
+//! What S3 says is sorted three ways, because the difference decides whether an empty cluster may
+//! be made: it could not be read (retry, never initdb); it holds nothing of this deployment (an
+//! empty cluster is right); it holds backups that cannot be restored at boot (stop, say why).
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use super::pitr::{self, Target};
+use super::run::{self, Kind};
+use super::wal::archive::Archive;
+use crate::config::Config;
+
+/// Why no restore happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AtBootError {
+    /// S3 or the keys cannot be read now.
+    Unreadable(String),
+    /// Backups exist, and this restore cannot use them.
+    Refused(String),
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AtBoot {
+    Restored { summary: String, details: serde_json::Value },
+    NothingToRestore(String),
+}
+
+/// Restores the newest base backup with its WAL into `cfg.services.postgres.data_dir`, which must
+/// be missing or empty.
+pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sync)) -> Result<AtBoot, AtBootError> {
+    let unreadable = |e: &dyn std::fmt::Display| AtBootError::Unreadable(e.to_string());
+    let bucket = cfg.backup.bucket.clone().ok_or(AtBootError::Refused("no backup bucket".into()))?;
+    let s3 = run::s3_for(cfg).await.map_err(|e| unreadable(&e))?;
+    let archive = Archive::for_config(cfg, s3.clone()).map_err(|e| unreadable(&e))?;
+    progress(format!("looking for backups in s3://{bucket}/{}/", cfg.backup.prefix));
+    let survey = pitr::survey(cfg, &s3, &archive).await.map_err(|e| unreadable(&e))?;
+    if survey.usable() == 0 {
+        if survey.any_base {
+            return Err(AtBootError::Refused(format!(
+                "there are base backups, but none can be restored with its WAL: {}",
+                survey.reasons.join("; ")
+            )));
+        }
+        let dumps = run::list(cfg, &s3, Kind::Postgres).await.map_err(|e| unreadable(&e))?;
+        if let Some(newest) = dumps.last() {
+            return Err(AtBootError::Refused(format!(
+                "the only PostgreSQL backups are logical dumps (newest {}, {}); restoring those at boot is not \
+                 built yet: set recovery.on-blank-volume = \"empty\", start, then `caretaker restore postgres \
+                 --backup {}`",
+                newest.id, newest.finished_at, newest.id
+            )));
+        }
+        return Ok(AtBoot::NothingToRestore(format!(
+            "s3://{bucket}/{}/ holds no PostgreSQL backup (base or logical)",
+            cfg.backup.prefix
+        )));
+    }
+    let plan = pitr::plan(cfg, &s3, &archive, Target::Latest).await.map_err(|e| match e {
+        pitr::PitrError::Backup(_) | pitr::PitrError::Wal(_) => unreadable(&e),
+        other => AtBootError::Refused(other.to_string()),
+    })?;
+    progress(format!(
+        "restoring base backup {} ({}) and {} WAL segments on timeline {} to the end of the archive (window {})",
+        plan.base.id,
+        plan.base.finished_at,
+        plan.chain.segments.len(),
+        plan.chain.timeline,
+        plan.window
+    ));
+    let data = cfg.services.postgres.data_dir.clone();
+    let need = plan.base.plain_bytes.saturating_add(plan.base.plain_bytes / 10);
+    let parent = data.parent().unwrap_or(Path::new("/")).to_path_buf();
+    if let Ok(room) = super::room::measure(&parent)
+        && room.free < need
+    {
+        return Err(AtBootError::Refused(format!(
+            "{} has {} free, the restore needs about {}: grow the volume",
+            parent.display(),
+            crate::units::human_bytes(room.free),
+            crate::units::human_bytes(need)
+        )));
+    }
+    let ts = super::swap::stamp(SystemTime::now());
+    let dir = pitr::build_dir(&data, &ts);
+    let built = pitr::build(cfg, &s3, archive, &plan, &dir, &pitr::Tools::for_config(cfg), progress)
+        .await
+        .map_err(|e| AtBootError::Refused(format!("the restore failed: {e}")))?;
+    // The data directory is empty (the decision checked): it makes room for the verified copy.
+    let place = || -> std::io::Result<()> {
+        match std::fs::remove_dir(&data) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::rename(&built.dir, &data)?;
+        crate::fsutil::sync_dir(&parent).map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    if let Err(e) = place() {
+        let _ = std::fs::remove_dir_all(&built.dir);
+        return Err(AtBootError::Refused(format!("cannot put the restored copy at {}: {e}", data.display())));
+    }
+    let summary = format!(
+        "restored base backup {} and its WAL to the end of the archive (last commit {}); {} tables, {} rows in {}",
+        built.base,
+        built.last_commit.as_deref().unwrap_or("none replayed"),
+        built.tables,
+        built.rows,
+        cfg.backup.database
+    );
+    progress(summary.clone());
+    let details = serde_json::to_value(&built).unwrap_or_default();
+    Ok(AtBoot::Restored { summary, details })
+}
