@@ -147,6 +147,9 @@ async fn start_background(
     if cfg.backup.bucket.is_some() {
         tokio::spawn(serve_wal(cfg.clone(), alerts.clone(), systemd.clone(), status.clone(), cancel.clone()));
     }
+    if cfg.backup.bucket.is_some() {
+        tokio::spawn(hold_lease(cfg.clone(), alerts.clone(), cancel.clone()));
+    }
     if cfg.metrics.enabled {
         tokio::spawn(serve_metrics(cfg.clone(), services.subscribe(), status.clone(), cancel.clone()));
     } else {
@@ -235,6 +238,66 @@ async fn serve_wal(
     monitor::run((*cfg).clone(), server, alerts, publish, cancel).await;
     if let Ok(Err(e)) = serving.await {
         error!("the WAL socket stopped: {e}");
+    }
+}
+
+/// Renews the backup prefix's lease every third of its time to live, until `cancel`. Held by
+/// another instance: one alert naming it (two boxes write into one prefix), resolved once the
+/// lease is this box's again.
+async fn hold_lease(cfg: Arc<crate::config::Config>, alerts: crate::notify::Alerts, cancel: CancellationToken) {
+    use crate::backup::lease::{self, Held, LeaseError};
+    let ttl = cfg.recovery.lease_ttl.get();
+    let holder = crate::backup::run::instance_id();
+    let bucket = cfg.backup.bucket.clone().unwrap_or_default();
+    let mut busy = false;
+    loop {
+        let made = match (crate::backup::run::s3_for(&cfg).await, crate::backup::seal::SealKeys::for_config(&cfg)) {
+            (Ok(s3), Ok(keys)) => Ok((s3, keys)),
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        match made {
+            Err(e) => warn!("the backup prefix's lease cannot be renewed: {e}"),
+            Ok((s3, keys)) => match lease::acquire(&s3, &bucket, &cfg.backup.prefix, &keys, &holder, ttl).await {
+                Ok(held) => {
+                    match held {
+                        Held::Taken => info!("took the backup prefix's lease as {holder}"),
+                        Held::TakenOver(old) => warn!(
+                            "took over the backup prefix's lease from instance {} (not renewed since {}: gone)",
+                            old.holder, old.renewed_at
+                        ),
+                        Held::Renewed => {}
+                    }
+                    if busy {
+                        alerts.resolve("lease", "This box holds the backup prefix's lease again.");
+                        busy = false;
+                    }
+                }
+                Err(e @ (LeaseError::Busy(..) | LeaseError::Foreign(..))) => {
+                    error!("{e}");
+                    busy = true;
+                    alerts.open(
+                        "lease",
+                        crate::notify::Alert {
+                            subject: "another box writes into this box's backup prefix".into(),
+                            what_failed: e.to_string(),
+                            what_done: "This box keeps running and archiving; archived WAL is never overwritten \
+                                        (a different segment under one name is a conflict alert)."
+                                .into(),
+                            what_safe: "Existing backups are untouched.".into(),
+                            next: "find the other instance (aws ec2 describe-instances), stop the one that should not \
+                                   run, then `caretaker status` on the one that stays"
+                                .into(),
+                        },
+                    );
+                }
+                Err(e) => warn!("the backup prefix's lease cannot be renewed: {e}"),
+            },
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
     }
 }
 

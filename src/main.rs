@@ -159,7 +159,7 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
                 match at_boot::restore_newest(&cfg, &progress).await {
                     Ok(AtBoot::Restored { summary, details }) => Ok(Recovered::Restored { summary, details }),
                     Ok(AtBoot::NothingToRestore(why)) => Ok(Recovered::NothingToRestore(why)),
-                    Err(AtBootError::Unreadable(e)) => Err(RecoverError::Unreadable(e)),
+                    Err(AtBootError::Wait(e)) => Err(RecoverError::Wait(e)),
                     Err(AtBootError::Refused(e)) => Err(RecoverError::Refused(e)),
                 }
             }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
@@ -178,8 +178,8 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
                         a.open(
                             "boot:recovery",
                             caretaker::notify::Alert {
-                                subject: "a new box waits for its backups: nothing is started".into(),
-                                what_failed: format!("The data volume is blank and backups are configured, but {why}"),
+                                subject: "a new box waits to restore its backups: nothing is started".into(),
+                                what_failed: format!("The data volume is blank and backups are configured; {why}"),
                                 what_done: "PostgreSQL was not initialised and no data service was started: an empty \
                                             database never replaces the real one. caretaker-firstboot retries."
                                     .into(),
@@ -191,7 +191,7 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
                         );
                     }
                     None => {
-                        a.resolve("boot:recovery", "S3 answered: the restore at boot goes on.");
+                        a.resolve("boot:recovery", "The wait is over: the restore at boot goes on.");
                     }
                 }
             });

@@ -2,7 +2,8 @@
 //! backup, and is killed with its volume; box B boots with a new blank volume and the same
 //! configuration. Its firstboot (the real unit) finds S3 unreachable first — it waits and retries,
 //! PostgreSQL is not initialised and nothing starts — then, S3 back, restores the newest base
-//! backup with its WAL before PostgreSQL starts, and PostgreSQL comes up on the restored data.
+//! backup with its WAL before PostgreSQL starts (once box A's lease on the backup prefix ran out:
+//! one writer per prefix), and PostgreSQL comes up on the restored data.
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ fn psql(b: &LabBox, sql: &str) -> String {
 /// archiving into `endpoint` (S3 and SSM); the keys in caretaker's env file.
 fn blank_box(
     prefix: &str,
+    instance_id: &str,
     dir: &std::path::Path,
     endpoints: impl FnOnce(&LabBox) -> (String, String),
     identity: &age::x25519::Identity,
@@ -34,7 +36,7 @@ fn blank_box(
     )
     .expect("lab box boots");
     let dev = b.volumes()[0].display().to_string();
-    let imds = BoxImds::start(&b, IMDS_PORT);
+    let imds = BoxImds::start_with(&b, IMDS_PORT, &["--instance-id", instance_id]);
     let (ssm, s3) = endpoints(&b);
     let config = format!(
         r#"[aws]
@@ -65,6 +67,7 @@ archive-timeout = "10s"
 
 [recovery]
 retry-max = "5s"
+lease-ttl = "30s"
 "#,
         identity.to_public()
     );
@@ -96,6 +99,7 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     let moto_cell = std::cell::RefCell::new(None);
     let (a, _imds_a) = blank_box(
         "rb-a",
+        "i-0aaaaaaaaaaaaaaaa",
         dir.path(),
         |b| {
             let moto = Moto::start_in_netns(b.pid1()).expect("moto");
@@ -151,6 +155,7 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     let forwarders = std::cell::RefCell::new(vec![]);
     let (b, _imds_b) = blank_box(
         "rb-b",
+        "i-0bbbbbbbbbbbbbbbb",
         dir.path(),
         |b| {
             let ns = format!("/proc/{}/ns/net", b.pid1());
@@ -171,7 +176,7 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
         "firstboot waits for S3",
         Duration::from_secs(60),
         Duration::from_millis(300),
-        || b.journal("caretaker-firstboot.service").contains("waiting for the backups in S3"),
+        || b.journal("caretaker-firstboot.service").contains("the backups in S3 cannot be read"),
         || b.journal("caretaker-firstboot.service"),
     );
     std::thread::sleep(Duration::from_secs(6));
@@ -180,6 +185,18 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     assert_ne!(b.sh_ok("systemctl is-active postgresql.service || true").trim(), "active");
     gate.set(proxy::UP);
     let s3_back = Instant::now();
+    // Box A's lease (its daemon renewed it every 10 s until the kill) runs out 30 s after: until
+    // then box B waits, naming A; then it takes the prefix over.
+    wait_until(
+        "firstboot waits for box A's lease",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            let j = b.journal("caretaker-firstboot.service");
+            j.contains("held by instance i-0aaaaaaaaaaaaaaaa") || j.contains("took over the backup prefix's lease")
+        },
+        || b.journal("caretaker-firstboot.service"),
+    );
     wait_until(
         "firstboot restored and finished",
         Duration::from_secs(180),
@@ -189,6 +206,7 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     );
     let journal = b.journal("caretaker-firstboot.service");
     assert!(journal.contains("restored base backup"), "{journal}");
+    assert!(journal.contains("took over the backup prefix's lease from instance i-0aaaaaaaaaaaaaaaa"), "{journal}");
     let report: serde_json::Value = serde_json::from_str(&b.sh_ok("cat /run/caretaker/firstboot.json")).unwrap();
     assert!(report["recovery"]["waited"].as_u64() >= Some(1), "{report:#}");
     assert!(report["recovery"]["outcome"]["Restored"]["summary"].is_string(), "{report:#}");

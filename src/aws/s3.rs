@@ -173,6 +173,50 @@ impl S3 {
         }
     }
 
+    /// Replaces `key` with `body` only if it is still the version `etag` (`If-Match`): two
+    /// writers racing for one object, exactly one wins. [`Put::Exists`] when it changed meanwhile
+    /// (or is gone).
+    pub async fn put_if_match(&self, bucket: &str, key: &str, body: Vec<u8>, etag: &str) -> Result<Put, S3Error> {
+        let req = self.client.put_object().bucket(bucket).key(key).if_match(etag).body(ByteStream::from(body));
+        match req.send().await {
+            Ok(_) => Ok(Put::Created),
+            Err(e) if e.raw_response().is_some_and(|r| matches!(r.status().as_u16(), 404 | 409 | 412)) => {
+                Ok(Put::Exists)
+            }
+            Err(e) => Err(Self::err("PutObject", bucket, key)(e)),
+        }
+    }
+
+    /// A bounded object and its ETag (None when there is no such object).
+    pub async fn get_small_with_etag(
+        &self,
+        bucket: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<Option<(Vec<u8>, String)>, S3Error> {
+        let out = match self.client.get_object().bucket(bucket).key(key).send().await {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(Self::err("GetObject", bucket, key)(e)),
+        };
+        let fail =
+            |message: String| S3Error { operation: "GetObject", bucket: bucket.into(), key: key.into(), message };
+        if out.content_length().is_some_and(|n| n < 0 || n as u64 > max as u64) {
+            return Err(fail(format!("larger than {max} bytes: not read")));
+        }
+        let etag = out.e_tag().unwrap_or_default().to_string();
+        let mut body = out.body;
+        let mut data = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| fail(e.to_string()))?;
+            if data.len() + chunk.len() > max {
+                return Err(fail(format!("larger than {max} bytes: not read")));
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok(Some((data, etag)))
+    }
+
     /// The user metadata of `key` (None when there is no such object).
     pub async fn head_metadata(
         &self,

@@ -18,8 +18,8 @@ use crate::config::Config;
 /// Why no restore happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AtBootError {
-    /// S3 or the keys cannot be read now.
-    Unreadable(String),
+    /// S3 or the keys cannot be read now, or another instance holds the prefix: wait.
+    Wait(String),
     /// Backups exist, and this restore cannot use them.
     Refused(String),
 }
@@ -34,10 +34,24 @@ pub enum AtBoot {
 /// Restores the newest base backup with its WAL into `cfg.services.postgres.data_dir`, which must
 /// be missing or empty.
 pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sync)) -> Result<AtBoot, AtBootError> {
-    let unreadable = |e: &dyn std::fmt::Display| AtBootError::Unreadable(e.to_string());
+    let unreadable = |e: &dyn std::fmt::Display| AtBootError::Wait(format!("the backups in S3 cannot be read: {e}"));
     let bucket = cfg.backup.bucket.clone().ok_or(AtBootError::Refused("no backup bucket".into()))?;
     let s3 = run::s3_for(cfg).await.map_err(|e| unreadable(&e))?;
     let archive = Archive::for_config(cfg, s3.clone()).map_err(|e| unreadable(&e))?;
+    // One writer per prefix: a box still running on these backups (or one restoring them right
+    // now) holds the lease; this one waits until it stops renewing it.
+    let keys = super::seal::SealKeys::for_config(cfg).map_err(|e| unreadable(&e))?;
+    let holder = run::instance_id();
+    match super::lease::acquire(&s3, &bucket, &cfg.backup.prefix, &keys, &holder, cfg.recovery.lease_ttl.get()).await {
+        Ok(super::lease::Held::TakenOver(old)) => progress(format!(
+            "took over the backup prefix's lease from instance {} (not renewed since {})",
+            old.holder, old.renewed_at
+        )),
+        Ok(_) => progress(format!("holding the backup prefix's lease as {holder}")),
+        Err(e @ super::lease::LeaseError::Busy(..)) => return Err(AtBootError::Wait(e.to_string())),
+        Err(e @ super::lease::LeaseError::Foreign(..)) => return Err(AtBootError::Refused(e.to_string())),
+        Err(super::lease::LeaseError::S3(e)) => return Err(unreadable(&e)),
+    }
     progress(format!("looking for backups in s3://{bucket}/{}/", cfg.backup.prefix));
     let survey = pitr::survey(cfg, &s3, &archive).await.map_err(|e| unreadable(&e))?;
     if survey.usable() == 0 {

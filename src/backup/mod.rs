@@ -8,6 +8,8 @@ pub mod at_boot;
 pub mod base;
 /// The way back: S3 → age → zstd → a sink, hashed.
 pub mod fetch;
+/// One writer per backup prefix: a lease object in S3.
+pub mod lease;
 /// What jobs create beside the live data, recorded so that a killed job leaves nothing behind.
 pub mod leftovers;
 /// Migration from an external PostgreSQL: copy, prove equal, then swap.

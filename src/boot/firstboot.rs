@@ -50,8 +50,9 @@ pub enum Recovered {
 /// Why a restore at boot did not happen.
 #[derive(Debug, Clone)]
 pub enum RecoverError {
-    /// S3 (or the keys to read it) cannot be read now: retried; nothing is initialised meanwhile.
-    Unreadable(String),
+    /// Not now: S3 (or the keys to read it) cannot be read, or another instance holds the backup
+    /// prefix. Retried; nothing is initialised meanwhile.
+    Wait(String),
     /// Backups exist but cannot be restored (a gap, a failed verification, only kinds not restored
     /// at boot): stop and say why.
     Refused(String),
@@ -60,7 +61,7 @@ pub enum RecoverError {
 /// The restore at boot, provided by the caller (it lives in the backup capability).
 pub type Recover = dyn Fn() -> Pin<Box<dyn Future<Output = Result<Recovered, RecoverError>> + Send>> + Send + Sync;
 
-/// Told when recovery waits for S3 (`Some(why)`) and when it stops waiting (`None`): the alert.
+/// Told when recovery waits (`Some(why)`) and when it stops waiting (`None`): the alert.
 pub type OnWait = dyn Fn(Option<&str>) + Send + Sync;
 
 /// The recovery decision and what came of it.
@@ -69,7 +70,7 @@ pub struct RecoveryReport {
     pub verdict: Verdict,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Recovered>,
-    /// Attempts that found S3 unreadable before the outcome.
+    /// Attempts that had to wait (S3 unreadable, the prefix held) before the outcome.
     pub waited: u32,
 }
 
@@ -162,10 +163,10 @@ pub async fn run(cfg: &Config, recover: Option<&Recover>, on_wait: &OnWait) -> R
                         error!("recovery at boot refused: {why}");
                         return Err(FirstbootError::Recovery(why));
                     }
-                    Err(RecoverError::Unreadable(why)) => {
+                    Err(RecoverError::Wait(why)) => {
                         recovery.waited += 1;
                         let text = format!(
-                            "waiting for the backups in S3 (attempt {}): {why}; PostgreSQL is not initialised and                              nothing is started until S3 answers (retrying in {})",
+                            "waiting (attempt {}): {why}; PostgreSQL is not initialised and nothing is started until then (retrying in {})",
                             recovery.waited,
                             humantime::format_duration(wait)
                         );

@@ -392,11 +392,18 @@ pub struct RecoveryConfig {
     /// While S3 cannot be read, firstboot retries with a backoff up to this (it never starts an
     /// empty database meanwhile).
     pub retry_max: Seconds,
+    /// The backup prefix's lease (one writer per prefix): an instance that has not renewed it for
+    /// this long is taken to be gone. The daemon renews it every third of it.
+    pub lease_ttl: Seconds,
 }
 
 impl Default for RecoveryConfig {
     fn default() -> Self {
-        RecoveryConfig { on_blank_volume: OnBlankVolume::RestoreLatest, retry_max: Seconds::from_secs(300) }
+        RecoveryConfig {
+            on_blank_volume: OnBlankVolume::RestoreLatest,
+            retry_max: Seconds::from_secs(300),
+            lease_ttl: Seconds::from_secs(300),
+        }
     }
 }
 

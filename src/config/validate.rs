@@ -55,6 +55,9 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if !(Duration::from_secs(5)..=Duration::from_secs(3600)).contains(&config.recovery.retry_max.get()) {
         return Err(fail("recovery.retry-max", "must be between 5s and 1h".into()));
     }
+    if !(Duration::from_secs(30)..=Duration::from_secs(86400)).contains(&config.recovery.lease_ttl.get()) {
+        return Err(fail("recovery.lease-ttl", "must be between 30s and 24h".into()));
+    }
     let m = &config.metrics;
     if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&m.interval.get()) {
         return Err(fail("metrics.interval", "must be between 10s and 1h".into()));

@@ -478,11 +478,17 @@ pub struct BoxImds(std::process::Child);
 
 impl BoxImds {
     pub fn start(b: &LabBox, port: u16) -> BoxImds {
+        Self::start_with(b, port, &[])
+    }
+
+    /// [`BoxImds::start`] with more `imds-fake` arguments (`--instance-id i-…`, …).
+    pub fn start_with(b: &LabBox, port: u16, args: &[&str]) -> BoxImds {
         use std::io::BufRead;
         let bin = crate::repo_root().join("target/debug/imds-fake");
         let mut child = b
             .netns_command(&bin.to_string_lossy())
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
