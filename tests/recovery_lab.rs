@@ -53,6 +53,11 @@ attach-timeout = "2s"
 [services.postgres]
 initdb = "/usr/lib/postgresql/15/bin/initdb"
 
+# Debian's Redis in the lab (its own dir; the image's is on /data).
+[services.redis]
+unit = "redis-server.service"
+data-dir = "/var/lib/redis"
+
 [supervise]
 enabled = false
 
@@ -80,7 +85,7 @@ lease-ttl = "30s"
     }
     // Debian's generator makes postgresql.service want the host-style cluster; the lab's
     // postgresql.service runs the one on /data instead.
-    b.sh_ok("systemctl mask --runtime postgresql@15-main.service && systemctl daemon-reload");
+    b.sh_ok("systemctl mask --runtime postgresql@15-main.service && systemctl daemon-reload && rm -f /var/lib/redis/dump.rdb");
     (b, imds)
 }
 
@@ -122,7 +127,8 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
          runuser -u postgres -- psql -qc 'create database zmanim' && \
          runuser -u postgres -- psql -d zmanim -qc 'create table rows(id int primary key, at timestamptz default now())' && \
          runuser -u postgres -- psql -d zmanim -qc 'insert into rows(id) select generate_series(1, 500)' && \
-         systemctl start caretaker.service",
+         systemctl start redis-server.service && redis-cli set city:1 Jerusalem >/dev/null && \
+         redis-cli set city:2 Safed >/dev/null && systemctl start caretaker.service",
     );
     wait_until(
         "caretaker turned WAL archiving on",
@@ -134,6 +140,8 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
         },
         || a.journal("caretaker.service"),
     );
+    let out = a.sh("caretaker backup now --kind redis");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), a.journal("caretaker.service"));
     let out = a.sh("caretaker backup now --kind base");
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), a.journal("caretaker.service"));
     psql(&a, "insert into rows(id) select generate_series(501, 1000)");
@@ -214,8 +222,10 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     assert_eq!(marker["held_cluster"], true, "{marker}");
 
     let restore = s3_back.elapsed();
-    b.sh_ok("systemctl start postgresql.service");
+    b.sh_ok("systemctl start postgresql.service redis-server.service");
     let rto = booted.elapsed();
+    assert_eq!(b.sh_ok("redis-cli get city:2").trim(), "Safed", "Redis restored from its newest RDB");
+    assert!(report["recovery"]["outcome"]["Restored"]["summary"].as_str().unwrap().contains("2 keys"), "{report:#}");
     assert_eq!(psql(&b, "select count(*) from rows"), "1000", "every archived row is back");
     assert_eq!(b.sh_ok("runuser -u postgres -- psql -XAtc 'show data_directory'").trim(), "/data/postgres");
     println!(

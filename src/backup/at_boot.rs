@@ -70,9 +70,11 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
                 newest.id, newest.finished_at, newest.id
             )));
         }
+        let redis = restore_redis_rdb(cfg, &s3, progress).await?;
         return Ok(AtBoot::NothingToRestore(format!(
-            "s3://{bucket}/{}/ holds no PostgreSQL backup (base or logical)",
-            cfg.backup.prefix
+            "s3://{bucket}/{}/ holds no PostgreSQL backup (base or logical){}",
+            cfg.backup.prefix,
+            redis.map(|(id, keys)| format!("; Redis restored from backup {id} ({keys} keys)")).unwrap_or_default()
         )));
     }
     let plan = pitr::plan(cfg, &s3, &archive, Target::Latest).await.map_err(|e| match e {
@@ -118,15 +120,85 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
         let _ = std::fs::remove_dir_all(&built.dir);
         return Err(AtBootError::Refused(format!("cannot put the restored copy at {}: {e}", data.display())));
     }
+    let redis = restore_redis_rdb(cfg, &s3, progress).await?;
     let summary = format!(
-        "restored base backup {} and its WAL to the end of the archive (last commit {}); {} tables, {} rows in {}",
+        "restored base backup {} and its WAL to the end of the archive (last commit {}); {} tables, {} rows in {}{}",
         built.base,
         built.last_commit.as_deref().unwrap_or("none replayed"),
         built.tables,
         built.rows,
-        cfg.backup.database
+        cfg.backup.database,
+        redis.as_ref().map(|(id, keys)| format!("; Redis from backup {id} ({keys} keys)")).unwrap_or_default()
     );
     progress(summary.clone());
-    let details = serde_json::to_value(&built).unwrap_or_default();
+    let mut details = serde_json::json!({ "postgres": built });
+    if let Some((id, keys)) = redis {
+        details["redis"] = serde_json::json!({ "backup": id, "keys": keys });
+    }
     Ok(AtBoot::Restored { summary, details })
+}
+
+/// The newest Redis backup into `services.redis.data-dir/dump.rdb` before Redis starts, its hashes
+/// and RDB magic checked (the key count is the manifest's: Redis is not running to ask). Only when
+/// there is no RDB there yet; none when there is no Redis backup. (backup id, keys).
+async fn restore_redis_rdb(
+    cfg: &Config,
+    s3: &crate::aws::s3::S3,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<Option<(String, i64)>, AtBootError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let wait = |e: &dyn std::fmt::Display| AtBootError::Wait(format!("the backups in S3 cannot be read: {e}"));
+    let dir = cfg.services.redis.data_dir.clone();
+    let rdb = dir.join("dump.rdb");
+    if std::fs::symlink_metadata(&rdb).is_ok() {
+        progress(format!("{} exists: Redis keeps it", rdb.display()));
+        return Ok(None);
+    }
+    let Some(m) = run::list(cfg, s3, Kind::Redis).await.map_err(|e| wait(&e))?.pop() else {
+        return Ok(None);
+    };
+    let keys = m.details["dbsize"].as_i64().unwrap_or(-1);
+    progress(format!("restoring Redis backup {} ({}, {keys} keys) to {}", m.id, m.finished_at, rdb.display()));
+    let bucket = cfg.backup.bucket.clone().unwrap_or_default();
+    let key = format!("{}{}", run::folder(&cfg.backup.prefix, Kind::Redis, &m.id), run::DATA);
+    let download = dir.join(format!(".dump.rdb.boot-restore-{}", std::process::id()));
+    let owner = std::fs::metadata(&dir).map_err(|e| AtBootError::Refused(format!("{}: {e}", dir.display())))?;
+    let fetched = async {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&download)
+            .map_err(|e| format!("{}: {e}", download.display()))?;
+        std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid())).map_err(|e| e.to_string())?;
+        let decryption = super::fetch::decryption(cfg).map_err(|e| e.to_string())?;
+        let mut w = tokio::io::BufWriter::new(tokio::fs::File::from_std(f));
+        let fetched = super::fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, &mut w, |_, _| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        let f = w.into_inner();
+        f.sync_all().await.map_err(|e| e.to_string())?;
+        let problems = super::fetch::check(&m, &fetched);
+        if !problems.is_empty() {
+            return Err(format!("Redis backup {} does not match its manifest: {}", m.id, problems.join("; ")));
+        }
+        let mut head = [0u8; 5];
+        let head = std::fs::File::open(&download)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok_and(|()| &head == b"REDIS");
+        if !head {
+            return Err(format!("Redis backup {} is not an RDB file", m.id));
+        }
+        std::fs::rename(&download, &rdb).map_err(|e| format!("{}: {e}", rdb.display()))?;
+        crate::fsutil::sync_dir(&dir).map_err(|e| e.to_string())
+    }
+    .await;
+    if let Err(e) = fetched {
+        let _ = std::fs::remove_file(&download);
+        return Err(AtBootError::Refused(format!("the Redis restore failed: {e}")));
+    }
+    progress(format!("Redis backup {} is in place ({keys} keys)", m.id));
+    Ok(Some((m.id.clone(), keys)))
 }
