@@ -150,6 +150,7 @@ async fn start_background(
     if cfg.backup.bucket.is_some() {
         tokio::spawn(hold_lease(cfg.clone(), alerts.clone(), cancel.clone()));
     }
+    tokio::spawn(report_boot_recovery(cfg.clone(), alerts.clone(), services.subscribe()));
     if cfg.metrics.enabled {
         tokio::spawn(serve_metrics(cfg.clone(), services.subscribe(), status.clone(), cancel.clone()));
     } else {
@@ -239,6 +240,76 @@ async fn serve_wal(
     if let Ok(Err(e)) = serving.await {
         error!("the WAL socket stopped: {e}");
     }
+}
+
+/// After a restore at boot (firstboot.json says so), one email once the API is healthy (or ten
+/// minutes passed): what was restored, from which backups, how old the last commit is, the keys
+/// Redis holds against the backup's, and the API's health. Sent once per boot.
+async fn report_boot_recovery(
+    cfg: Arc<crate::config::Config>,
+    alerts: crate::notify::Alerts,
+    mut services: watch::Receiver<Vec<ServiceStatus>>,
+) {
+    let run = std::path::Path::new(crate::envfile::RUN_DIR);
+    let sent = run.join("recovery-reported");
+    let Ok(bytes) = std::fs::read(run.join("firstboot.json")) else { return };
+    let Ok(report) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return };
+    let restored = &report["recovery"]["outcome"]["Restored"];
+    if !restored.is_object() || sent.exists() {
+        return;
+    }
+    let summary = restored["summary"].as_str().unwrap_or("").to_string();
+    let details = &restored["details"];
+    // The API's health, as supervision sees it (none: supervision is off).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let api = loop {
+        let state = services.borrow().iter().find(|s| s.name == "api").map(|s| s.state);
+        match state {
+            Some(crate::supervise::supervisor::SvcState::Healthy) => break "the API is healthy".to_string(),
+            None if !cfg.supervise.enabled => break "the API's health was not checked (supervision is off)".into(),
+            _ if tokio::time::Instant::now() >= deadline => {
+                break format!("the API is NOT healthy ten minutes after the daemon started ({state:?}): check it");
+            }
+            _ => {}
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), services.changed()).await;
+    };
+    let last_commit = details["postgres"]["last_commit"].as_str().map(str::to_string);
+    let age = last_commit
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .map(|d| {
+            format!(
+                " ({} before this report: commits after it were lost with the old box)",
+                humantime::format_duration(Duration::from_secs(d.as_secs()))
+            )
+        })
+        .unwrap_or_default();
+    let redis = match details["redis"]["keys"].as_i64() {
+        Some(expected) => {
+            let now = async {
+                let client = redis::Client::open(cfg.services.redis.url.as_str()).ok()?;
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("DBSIZE").query_async::<i64>(&mut c).await.ok()
+            };
+            match tokio::time::timeout(Duration::from_secs(10), now).await.ok().flatten() {
+                Some(n) if n == expected => format!("Redis holds {n} keys, as its backup did."),
+                Some(n) => format!("Redis holds {n} keys; its backup had {expected}."),
+                None => format!("Redis did not answer; its backup had {expected} keys."),
+            }
+        }
+        None => "Redis was not restored (no Redis backup).".into(),
+    };
+    let id = crate::backup::run::instance_id();
+    let body = format!(
+        "Box {id} came up on a blank data volume and restored itself from backup before anything started.\n\n\
+         {summary}.\n\nThe last restored commit: {}{age}.\n{redis}\n{api}.\n\nfirstboot's report: /run/caretaker/firstboot.json; \
+         journalctl -u caretaker-firstboot shows each step. A fresh base backup is due: `caretaker backup now --kind base`.",
+        last_commit.as_deref().unwrap_or("none replayed")
+    );
+    alerts.report(&format!("box {id} restored itself from backup; {api}"), &body);
+    let _ = std::fs::write(&sent, b"");
 }
 
 /// Renews the backup prefix's lease every third of its time to live, until `cancel`. Held by

@@ -114,6 +114,13 @@ impl Alerts {
         true
     }
 
+    /// A one-off report (not an incident: nothing to resolve), e.g. what a restore at boot did.
+    pub fn report(&self, subject: &str, body: &str) {
+        info!("report: {subject}");
+        let body = format!("{body}\n\n-- \ncaretaker on {} · {}\n", self.origin, now_rfc3339());
+        self.send(format!("{} {}: {subject}", self.prefix, self.origin), body);
+    }
+
     /// Closes incident `key` with a recovery email; a no-op when it is not open.
     pub fn resolve(&self, key: &str, what: &str) -> bool {
         let Some(incident) = self.lock().open.remove(key) else { return false };

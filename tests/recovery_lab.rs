@@ -176,6 +176,7 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
         &identity,
     );
     let forwarders = forwarders.into_inner();
+    let ses = b.ses().expect("moto for SES in box B");
     let gate = &forwarders[1];
     gate.set(proxy::DOWN);
     let booted = Instant::now();
@@ -234,6 +235,38 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
         rto.as_secs_f64(),
         restore.as_secs_f64()
     );
+
+    // The daemon reports it once: what came back, and from what.
+    b.sh_ok("systemctl start caretaker.service");
+    let report_mail =
+        || ses.sent_emails().unwrap().into_iter().find(|e| e.subject.contains("restored itself from backup"));
+    wait_until(
+        "the restore-at-boot report email",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || report_mail().is_some(),
+        || b.journal("caretaker.service"),
+    );
+    let mail = report_mail().unwrap();
+    assert!(
+        mail.body.contains("rows in zmanim") && mail.body.contains("Redis holds 2 keys, as its backup did"),
+        "{}",
+        mail.body
+    );
+    assert!(mail.subject.contains("i-0bbbbbbbbbbbbbbbb"), "{}", mail.subject);
+    let waits: Vec<String> = ses
+        .sent_emails()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.subject)
+        .filter(|s| s.contains("waits to restore its backups"))
+        .collect();
+    assert_eq!(
+        waits.len(),
+        2,
+        "one email while it waited (S3 down, then box A's lease), one when it went on: {waits:?}"
+    );
+    assert!(waits[1].contains("resolved:"), "{waits:?}");
 
     // A second run on the same boot: the data directory holds data, S3 is not asked again.
     let again = b.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker firstboot --json");
