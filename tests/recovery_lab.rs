@@ -142,9 +142,26 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     );
     let out = a.sh("caretaker backup now --kind redis");
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), a.journal("caretaker.service"));
-    let out = a.sh("caretaker backup now --kind base");
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), a.journal("caretaker.service"));
-    psql(&a, "insert into rows(id) select generate_series(501, 1000)");
+    let base = || {
+        let out = a.sh("caretaker backup now --kind base");
+        assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), a.journal("caretaker.service"));
+    };
+    base();
+    psql(&a, "insert into rows(id) select generate_series(501, 800)");
+    // A second base backup, whose data then rots in S3: box B must fall back on the first one
+    // (and replay more WAL), never start on a half-restored cluster.
+    base();
+    psql(&a, "insert into rows(id) select generate_series(801, 1000)");
+    let list = a.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    let bases: Vec<String> =
+        list.iter().filter(|m| m["kind"] == "base").map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(bases.len(), 2, "{list:?}");
+    let (older, newer) = (bases[0].clone(), bases[1].clone());
+    let key =
+        format!("/backups/caretaker/base/{}/{}/{}/{newer}/data.zst.age", &newer[0..4], &newer[4..6], &newer[6..8]);
+    let put = moto.request("PUT", &key, &[Moto::s3_auth()], b"age-encryption.org/v1\nnot the backup any more").unwrap();
+    assert_eq!(put.status, 200, "{}", put.text());
     let current = psql(&a, "select pg_walfile_name(pg_current_wal_lsn())");
     psql(&a, "select pg_switch_wal()");
     wait_until(
@@ -216,6 +233,11 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     let journal = b.journal("caretaker-firstboot.service");
     assert!(journal.contains("restored base backup"), "{journal}");
     assert!(journal.contains("took over the backup prefix's lease from instance i-0aaaaaaaaaaaaaaaa"), "{journal}");
+    assert!(
+        journal.contains(&format!("base backup {newer} failed")) && journal.contains("1 older one(s) left to try"),
+        "{journal}"
+    );
+    assert!(journal.contains(&format!("restored base backup {older}")), "{journal}");
     let report: serde_json::Value = serde_json::from_str(&b.sh_ok("cat /run/caretaker/firstboot.json")).unwrap();
     assert!(report["recovery"]["waited"].as_u64() >= Some(1), "{report:#}");
     assert!(report["recovery"]["outcome"]["Restored"]["summary"].is_string(), "{report:#}");
@@ -268,8 +290,12 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     );
     assert!(waits[1].contains("resolved:"), "{waits:?}");
 
-    // A second run on the same boot: the data directory holds data, S3 is not asked again.
+    // A second run on the same boot: the data directory holds data, so S3 is not even read (it is
+    // switched off: the run does not wait for it).
+    gate.set(proxy::DOWN);
+    let t0 = Instant::now();
     let again = b.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker firstboot --json");
+    assert!(again.status.success() && t0.elapsed() < Duration::from_secs(20), "{again:?}");
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(again["recovery"]["verdict"]["verdict"], "start-normally", "{again:#}");
     drop(a);

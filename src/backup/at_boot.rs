@@ -77,36 +77,65 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
             redis.map(|(id, keys)| format!("; Redis restored from backup {id} ({keys} keys)")).unwrap_or_default()
         )));
     }
-    let plan = pitr::plan(cfg, &s3, &archive, Target::Latest).await.map_err(|e| match e {
-        pitr::PitrError::Backup(_) | pitr::PitrError::Wal(_) => unreadable(&e),
-        other => AtBootError::Refused(other.to_string()),
-    })?;
-    progress(format!(
-        "restoring base backup {} ({}) and {} WAL segments on timeline {} to the end of the archive (window {})",
-        plan.base.id,
-        plan.base.finished_at,
-        plan.chain.segments.len(),
-        plan.chain.timeline,
-        plan.window
-    ));
-    let data = cfg.services.postgres.data_dir.clone();
-    let need = plan.base.plain_bytes.saturating_add(plan.base.plain_bytes / 10);
-    let parent = data.parent().unwrap_or(Path::new("/")).to_path_buf();
-    if let Ok(room) = super::room::measure(&parent)
-        && room.free < need
-    {
-        return Err(AtBootError::Refused(format!(
-            "{} has {} free, the restore needs about {}: grow the volume",
-            parent.display(),
-            crate::units::human_bytes(room.free),
-            crate::units::human_bytes(need)
-        )));
+    let plans = survey.plans_to_latest();
+    if plans.is_empty() {
+        // The newest chain has a gap: plan() says it the way a restore by hand would.
+        let e = pitr::plan(cfg, &s3, &archive, Target::Latest).await.err().map(|e| e.to_string());
+        return Err(AtBootError::Refused(e.unwrap_or_else(|| "no base backup has a complete WAL chain".into())));
     }
-    let ts = super::swap::stamp(SystemTime::now());
-    let dir = pitr::build_dir(&data, &ts);
-    let built = pitr::build(cfg, &s3, archive, &plan, &dir, &pitr::Tools::for_config(cfg), progress)
-        .await
-        .map_err(|e| AtBootError::Refused(format!("the restore failed: {e}")))?;
+    let data = cfg.services.postgres.data_dir.clone();
+    let parent = data.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let mut failures = Vec::new();
+    let mut built = None;
+    for (n, plan) in plans.iter().enumerate() {
+        progress(format!(
+            "restoring base backup {} ({}) and {} WAL segments on timeline {} to the end of the archive (window {}){}",
+            plan.base.id,
+            plan.base.finished_at,
+            plan.chain.segments.len(),
+            plan.chain.timeline,
+            plan.window,
+            if n > 0 { format!(" — the {} newer one(s) failed", n) } else { String::new() }
+        ));
+        let need = plan.base.plain_bytes.saturating_add(plan.base.plain_bytes / 10);
+        if let Ok(room) = super::room::measure(&parent)
+            && room.free < need
+        {
+            return Err(AtBootError::Refused(format!(
+                "{} has {} free, the restore needs about {}: grow the volume",
+                parent.display(),
+                crate::units::human_bytes(room.free),
+                crate::units::human_bytes(need)
+            )));
+        }
+        let ts = super::swap::stamp(SystemTime::now());
+        let dir = pitr::build_dir(&data, &ts);
+        // A failed build removed its copy: nothing half-restored is left, and the next older
+        // backup (with more WAL to replay) is tried.
+        let archive = Archive::for_config(cfg, s3.clone()).map_err(|e| unreadable(&e))?;
+        match pitr::build(cfg, &s3, archive, plan, &dir, &pitr::Tools::for_config(cfg), progress).await {
+            Ok(b) => {
+                built = Some(b);
+                break;
+            }
+            Err(e) => {
+                let left = plans.len() - n - 1;
+                tracing::error!(
+                    "recovery at boot: base backup {} failed: {e}; {left} older one(s) left to try",
+                    plan.base.id
+                );
+                progress(format!("base backup {} failed: {e}; {left} older one(s) left to try", plan.base.id));
+                failures.push(format!("{}: {e}", plan.base.id));
+            }
+        }
+    }
+    let Some(built) = built else {
+        return Err(AtBootError::Refused(format!(
+            "every base backup with a complete WAL chain failed ({} tried): {}",
+            failures.len(),
+            failures.join("; ")
+        )));
+    };
     // The data directory is empty (the decision checked): it makes room for the verified copy.
     let place = || -> std::io::Result<()> {
         match std::fs::remove_dir(&data) {

@@ -162,6 +162,22 @@ impl Survey {
     pub fn usable(&self) -> usize {
         self.usable.len()
     }
+
+    /// A plan to the end of the archive from each usable base backup whose chain to it has no
+    /// gap, newest first: what a restore falls back on when the newest fails to build or verify.
+    pub fn plans_to_latest(&self) -> Vec<Plan> {
+        self.usable
+            .iter()
+            .filter(|(_, _, chain)| chain.gap.is_none())
+            .map(|(base, details, chain)| Plan {
+                target: Target::Latest,
+                base: base.clone(),
+                details: details.clone(),
+                chain: chain.clone(),
+                window: self.window.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Lists base backups and the WAL archive and checks each backup's chain.
