@@ -150,7 +150,7 @@ async fn start_background(
     if cfg.backup.bucket.is_some() {
         tokio::spawn(hold_lease(cfg.clone(), alerts.clone(), cancel.clone()));
     }
-    tokio::spawn(report_boot_recovery(cfg.clone(), alerts.clone(), services.subscribe()));
+    tokio::spawn(report_boot_recovery(cfg.clone(), alerts.clone(), services.subscribe(), jobs.clone()));
     if cfg.metrics.enabled {
         tokio::spawn(serve_metrics(cfg.clone(), services.subscribe(), status.clone(), cancel.clone()));
     } else {
@@ -249,6 +249,7 @@ async fn report_boot_recovery(
     cfg: Arc<crate::config::Config>,
     alerts: crate::notify::Alerts,
     mut services: watch::Receiver<Vec<ServiceStatus>>,
+    jobs: Arc<Jobs>,
 ) {
     let run = std::path::Path::new(crate::envfile::RUN_DIR);
     let sent = run.join("recovery-reported");
@@ -310,6 +311,26 @@ async fn report_boot_recovery(
     );
     alerts.report(&format!("box {id} restored itself from backup; {api}"), &body);
     let _ = std::fs::write(&sent, b"");
+    // The new timeline's first base backup, so that the next restore replays from here.
+    if cfg.backup.wal_archive {
+        for _ in 0..30 {
+            let body = crate::control::bodies::backup_job(
+                (*cfg).clone(),
+                vec![crate::backup::run::Kind::Base],
+                Some(alerts.clone()),
+            );
+            match jobs.start("backup", "base backup after the restore at boot", body) {
+                Ok(job) => {
+                    info!("a fresh base backup after the restore at boot: job {}", job.id);
+                    return;
+                }
+                Err(busy) => {
+                    info!("the base backup after the restore at boot waits: {busy}");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            }
+        }
+    }
 }
 
 /// Renews the backup prefix's lease every third of its time to live, until `cancel`. Held by

@@ -290,6 +290,19 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     );
     assert!(waits[1].contains("resolved:"), "{waits:?}");
 
+    // Then a fresh base backup: the new timeline's first.
+    wait_until(
+        "a base backup on the new timeline",
+        Duration::from_secs(90),
+        Duration::from_secs(1),
+        || {
+            let out = b.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json");
+            let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            list.iter().any(|m| m["kind"] == "base" && m["details"]["timeline"].as_u64() >= Some(2))
+        },
+        || b.journal("caretaker.service"),
+    );
+
     // A second run on the same boot: the data directory holds data, so S3 is not even read (it is
     // switched off: the run does not wait for it).
     gate.set(proxy::DOWN);
