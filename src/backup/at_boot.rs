@@ -37,10 +37,23 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
     let unreadable = |e: &dyn std::fmt::Display| AtBootError::Wait(format!("the backups in S3 cannot be read: {e}"));
     let bucket = cfg.backup.bucket.clone().ok_or(AtBootError::Refused("no backup bucket".into()))?;
     let s3 = run::s3_for(cfg).await.map_err(|e| unreadable(&e))?;
-    let archive = Archive::for_config(cfg, s3.clone()).map_err(|e| unreadable(&e))?;
+    // A prefix with no manifest at all is a new deployment: nothing to restore, and no key is
+    // needed to know it (on a first boot the keys may not be there yet).
+    let prefix = format!("{}/", cfg.backup.prefix);
+    let keys_there = s3.list_keys(&bucket, &prefix).await.map_err(|e| unreadable(&e))?;
+    if !keys_there.iter().any(|k| k.ends_with("/manifest.json")) {
+        return Ok(AtBoot::NothingToRestore(format!("s3://{bucket}/{prefix} holds no backup")));
+    }
+    let no_keys = |e: &dyn std::fmt::Display| {
+        AtBootError::Refused(format!(
+            "s3://{bucket}/{prefix} holds backups, but this box cannot read them: {e} (put the keys in SSM and \
+             `systemctl restart caretaker-firstboot`)"
+        ))
+    };
+    let archive = Archive::for_config(cfg, s3.clone()).map_err(|e| no_keys(&e))?;
     // One writer per prefix: a box still running on these backups (or one restoring them right
     // now) holds the lease; this one waits until it stops renewing it.
-    let keys = super::seal::SealKeys::for_config(cfg).map_err(|e| unreadable(&e))?;
+    let keys = super::seal::SealKeys::for_config(cfg).map_err(|e| no_keys(&e))?;
     let holder = run::instance_id();
     match super::lease::acquire(&s3, &bucket, &cfg.backup.prefix, &keys, &holder, cfg.recovery.lease_ttl.get()).await {
         Ok(super::lease::Held::TakenOver(old)) => progress(format!(
