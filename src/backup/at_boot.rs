@@ -41,8 +41,18 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
     // needed to know it (on a first boot the keys may not be there yet).
     let prefix = format!("{}/", cfg.backup.prefix);
     let keys_there = s3.list_keys(&bucket, &prefix).await.map_err(|e| unreadable(&e))?;
+    if keys_there.is_empty() {
+        return Ok(AtBoot::NothingToRestore(format!("s3://{bucket}/{prefix} is empty (a new deployment)")));
+    }
     if !keys_there.iter().any(|k| k.ends_with("/manifest.json")) {
-        return Ok(AtBoot::NothingToRestore(format!("s3://{bucket}/{prefix} holds no backup")));
+        // WAL or a lease without any backup: something ran here. An empty cluster may be right
+        // (it never took a backup) or not (its backups were hidden): an operator decides.
+        return Err(AtBootError::Refused(format!(
+            "s3://{bucket}/{prefix} holds {} object(s) but no backup (e.g. {}): set recovery.on-blank-volume = \
+             \"empty\" if an empty database is right",
+            keys_there.len(),
+            keys_there[0]
+        )));
     }
     let no_keys = |e: &dyn std::fmt::Display| {
         AtBootError::Refused(format!(
