@@ -144,11 +144,19 @@ async fn start_background(
 ) {
     let alerts = build_alerts(&cfg).await;
     jobs.set_alerts(alerts.clone());
+    let gate = crate::backup::lease::Gate::default();
     if cfg.backup.bucket.is_some() {
-        tokio::spawn(serve_wal(cfg.clone(), alerts.clone(), systemd.clone(), status.clone(), cancel.clone()));
+        tokio::spawn(serve_wal(
+            cfg.clone(),
+            alerts.clone(),
+            systemd.clone(),
+            status.clone(),
+            gate.clone(),
+            cancel.clone(),
+        ));
     }
     if cfg.backup.bucket.is_some() {
-        tokio::spawn(hold_lease(cfg.clone(), alerts.clone(), cancel.clone()));
+        tokio::spawn(hold_lease(cfg.clone(), alerts.clone(), gate, cancel.clone()));
     }
     tokio::spawn(report_boot_recovery(cfg.clone(), alerts.clone(), services.subscribe(), jobs.clone()));
     if cfg.metrics.enabled {
@@ -189,6 +197,7 @@ async fn serve_wal(
     alerts: crate::notify::Alerts,
     systemd: Option<crate::systemd::manager::Systemd>,
     status: Arc<Mutex<DaemonStatus>>,
+    gate: crate::backup::lease::Gate,
     cancel: CancellationToken,
 ) {
     use crate::backup::wal::{archive::Archive, archive::WalError, monitor, server};
@@ -219,15 +228,17 @@ async fn serve_wal(
         allowed.push(u.uid.as_raw());
     }
     let hook_alerts = alerts.clone();
-    let server = Arc::new(server::WalServer::new(archive, &cfg.services.postgres.data_dir, allowed).with_failure_hook(
-        move |e| {
-            warn!("WAL archiving: {e}");
-            if matches!(e, WalError::Conflict { .. }) {
-                hook_alerts
-                    .open(crate::backup::alerts::WAL_CONFLICT, crate::backup::alerts::wal_conflict(&e.to_string()));
-            }
-        },
-    ));
+    let server = Arc::new(
+        server::WalServer::new(archive, &cfg.services.postgres.data_dir, allowed)
+            .with_lease_gate(gate)
+            .with_failure_hook(move |e| {
+                warn!("WAL archiving: {e}");
+                if matches!(e, WalError::Conflict { .. }) {
+                    hook_alerts
+                        .open(crate::backup::alerts::WAL_CONFLICT, crate::backup::alerts::wal_conflict(&e.to_string()));
+                }
+            }),
+    );
     let socket = cfg.backup.wal_socket.clone();
     let serving = tokio::spawn(server::serve(server.clone(), socket.clone(), cancel.clone()));
     let command = crate::supervise::provision::wal_push_command(&socket);
@@ -336,7 +347,12 @@ async fn report_boot_recovery(
 /// Renews the backup prefix's lease every third of its time to live, until `cancel`. Held by
 /// another instance: one alert naming it (two boxes write into one prefix), resolved once the
 /// lease is this box's again.
-async fn hold_lease(cfg: Arc<crate::config::Config>, alerts: crate::notify::Alerts, cancel: CancellationToken) {
+async fn hold_lease(
+    cfg: Arc<crate::config::Config>,
+    alerts: crate::notify::Alerts,
+    gate: crate::backup::lease::Gate,
+    cancel: CancellationToken,
+) {
     use crate::backup::lease::{self, Held, LeaseError};
     let ttl = cfg.recovery.lease_ttl.get();
     let holder = crate::backup::run::instance_id();
@@ -361,20 +377,22 @@ async fn hold_lease(cfg: Arc<crate::config::Config>, alerts: crate::notify::Aler
                         Held::Renewed => {}
                     }
                     if busy {
-                        alerts.resolve("lease", "This box holds the backup prefix's lease again.");
+                        *gate.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        alerts.resolve("lease", "This box holds the backup prefix's lease again: archiving goes on.");
                         busy = false;
                     }
                 }
                 Err(e @ (LeaseError::Busy(..) | LeaseError::Foreign(..))) => {
-                    error!("{e}");
+                    error!("{e}; WAL archiving stops until this box holds the prefix again");
+                    *gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     busy = true;
                     alerts.open(
                         "lease",
                         crate::notify::Alert {
                             subject: "another box writes into this box's backup prefix".into(),
                             what_failed: e.to_string(),
-                            what_done: "This box keeps running and archiving; archived WAL is never overwritten \
-                                        (a different segment under one name is a conflict alert)."
+                            what_done: "This box keeps running but stops archiving WAL into the prefix (PostgreSQL \
+                                        keeps it; nothing is lost on this box): one writer per prefix."
                                 .into(),
                             what_safe: "Existing backups are untouched.".into(),
                             next: "find the other instance (aws ec2 describe-instances), stop the one that should not \

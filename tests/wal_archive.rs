@@ -77,7 +77,8 @@ async fn segments_are_archived_once_checked_never_overwritten_and_survive_an_out
 
     let mut pg = Cluster::init(15);
     let socket = pg.dir.join("wal.sock");
-    let server = Arc::new(WalServer::new(archive, &pg.data, vec![0, postgres_uid()]));
+    let gate = caretaker::backup::lease::Gate::default();
+    let server = Arc::new(WalServer::new(archive, &pg.data, vec![0, postgres_uid()]).with_lease_gate(gate.clone()));
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(serve(server.clone(), socket.clone(), cancel.clone()));
     wait_until("the socket", Duration::from_secs(5), Duration::from_millis(20), || socket.exists(), String::new);
@@ -112,9 +113,18 @@ async fn segments_are_archived_once_checked_never_overwritten_and_survive_an_out
     let stored = direct.get_object("backups", &format!("caretaker/wal/{last}.zst.age")).await.unwrap().unwrap();
     assert!(stored.starts_with(b"age-encryption.org/v1"), "stored encrypted");
 
+    // Another instance holds the backup prefix's lease: pushes are refused (PostgreSQL keeps the
+    // WAL), and go through again once this box holds it.
+    let path = pg.data.join("pg_wal").join(&last);
+    *gate.lock().unwrap() = Some("the backup prefix is held by instance i-0other".into());
+    let out = caretaker_as("postgres", &["wal", "push", &path.to_string_lossy(), "--socket", &sock]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not archiving") && err.contains("i-0other"), "{err}");
+    *gate.lock().unwrap() = None;
+
     // The same file again: a success. The same name with other content: refused, the archived
     // object unchanged.
-    let path = pg.data.join("pg_wal").join(&last);
     let out = caretaker_as("postgres", &["wal", "push", &path.to_string_lossy(), "--socket", &sock]);
     assert!(out.status.success(), "{out:?}");
     let altered_dir = pg.dir.join("altered");

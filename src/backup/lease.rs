@@ -13,6 +13,10 @@ use crate::aws::s3::{Put, S3};
 use crate::units::rfc3339;
 
 pub const LEASE: &str = "lease.json";
+
+/// Whether this box may write into the prefix: `Some(why)` while another instance holds the
+/// lease (the WAL server then refuses pushes, so PostgreSQL keeps its WAL).
+pub type Gate = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 const LEASE_MAX: usize = 64 << 10;
 
 /// What the lease object says.

@@ -100,6 +100,8 @@ pub struct WalServer {
     stats: Mutex<WalStats>,
     /// Called with every transient or lasting push failure (alerts).
     on_failure: Box<dyn Fn(&WalError) + Send + Sync>,
+    /// Closed while another instance holds the backup prefix's lease: pushes are refused.
+    gate: crate::backup::lease::Gate,
 }
 
 impl WalServer {
@@ -114,7 +116,21 @@ impl WalServer {
             prefetch,
             stats: Mutex::new(WalStats::default()),
             on_failure: Box::new(|_| {}),
+            gate: Default::default(),
         }
+    }
+
+    /// Pushes wait for `gate` (see [`crate::backup::lease::Gate`]).
+    pub fn with_lease_gate(mut self, gate: crate::backup::lease::Gate) -> WalServer {
+        self.gate = gate;
+        self
+    }
+
+    fn closed(&self) -> Option<WalError> {
+        let why = self.gate.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some(WalError::Setup(format!(
+            "not archiving: {why}; PostgreSQL keeps the WAL until this box holds the prefix again"
+        )))
     }
 
     pub fn with_failure_hook(mut self, f: impl Fn(&WalError) + Send + Sync + 'static) -> WalServer {
@@ -154,6 +170,9 @@ impl WalServer {
 
     /// Pushes one file (the daemon's own sweeps).
     pub async fn push(&self, name: &str, plain: Vec<u8>) -> Result<Pushed, WalError> {
+        if let Some(e) = self.closed() {
+            return self.record(name, Err(e));
+        }
         let r = match self.system_identifier() {
             Ok(sysid) => self.archive.push(name, plain, sysid).await,
             Err(e) => Err(e),
@@ -168,6 +187,9 @@ impl WalServer {
         bytes: u64,
         body: &mut (impl tokio::io::AsyncRead + Unpin),
     ) -> Result<Pushed, WalError> {
+        if let Some(e) = self.closed() {
+            return self.record(name, Err(e));
+        }
         let r = match self.system_identifier() {
             Ok(sysid) => self.archive.push_from(name, bytes, body, sysid).await,
             Err(e) => Err(e),
