@@ -194,6 +194,17 @@ impl S3 {
         key: &str,
         max: usize,
     ) -> Result<Option<(Vec<u8>, String)>, S3Error> {
+        Ok(self.get_bounded(bucket, key, max).await?.map(|(data, _, etag)| (data, etag)))
+    }
+
+    /// At most `max` bytes of `key` (refused up front when S3 says it is larger, and as soon as
+    /// the body passes it), with its user metadata and ETag.
+    async fn get_bounded(
+        &self,
+        bucket: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<Option<(Vec<u8>, std::collections::HashMap<String, String>, String)>, S3Error> {
         let out = match self.client.get_object().bucket(bucket).key(key).send().await {
             Ok(out) => out,
             Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => return Ok(None),
@@ -205,6 +216,7 @@ impl S3 {
             return Err(fail(format!("larger than {max} bytes: not read")));
         }
         let etag = out.e_tag().unwrap_or_default().to_string();
+        let metadata = out.metadata.unwrap_or_default();
         let mut body = out.body;
         let mut data = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -214,7 +226,7 @@ impl S3 {
             }
             data.extend_from_slice(&chunk);
         }
-        Ok(Some((data, etag)))
+        Ok(Some((data, metadata, etag)))
     }
 
     /// The user metadata of `key` (None when there is no such object).
@@ -237,27 +249,7 @@ impl S3 {
         key: &str,
         max: usize,
     ) -> Result<Option<(Vec<u8>, std::collections::HashMap<String, String>)>, S3Error> {
-        let out = match self.client.get_object().bucket(bucket).key(key).send().await {
-            Ok(out) => out,
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => return Ok(None),
-            Err(e) => return Err(Self::err("GetObject", bucket, key)(e)),
-        };
-        let fail =
-            |message: String| S3Error { operation: "GetObject", bucket: bucket.into(), key: key.into(), message };
-        if out.content_length().is_some_and(|n| n < 0 || n as u64 > max as u64) {
-            return Err(fail(format!("larger than {max} bytes: not read")));
-        }
-        let metadata = out.metadata.unwrap_or_default();
-        let mut body = out.body;
-        let mut data = Vec::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| fail(e.to_string()))?;
-            if data.len() + chunk.len() > max {
-                return Err(fail(format!("larger than {max} bytes: not read")));
-            }
-            data.extend_from_slice(&chunk);
-        }
-        Ok(Some((data, metadata)))
+        Ok(self.get_bounded(bucket, key, max).await?.map(|(data, metadata, _)| (data, metadata)))
     }
 
     /// The whole object in memory (manifests, tests); large objects are streamed with [`S3::get_stream`].

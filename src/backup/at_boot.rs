@@ -198,7 +198,6 @@ async fn restore_redis_rdb(
     s3: &crate::aws::s3::S3,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<Option<(String, i64)>, AtBootError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let wait = |e: &dyn std::fmt::Display| AtBootError::Wait(format!("the backups in S3 cannot be read: {e}"));
     let dir = cfg.services.redis.data_dir.clone();
     let rdb = dir.join("dump.rdb");
@@ -214,17 +213,9 @@ async fn restore_redis_rdb(
     let bucket = cfg.backup.bucket.clone().unwrap_or_default();
     let key = format!("{}{}", run::folder(&cfg.backup.prefix, Kind::Redis, &m.id), run::DATA);
     let download = dir.join(format!(".dump.rdb.boot-restore-{}", std::process::id()));
-    let owner = std::fs::metadata(&dir).map_err(|e| AtBootError::Refused(format!("{}: {e}", dir.display())))?;
     let fetched = async {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(&download)
+        let f = super::restore::create_private(&download, &dir, &rdb)
             .map_err(|e| format!("{}: {e}", download.display()))?;
-        std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid())).map_err(|e| e.to_string())?;
         let decryption = super::fetch::decryption(cfg).map_err(|e| e.to_string())?;
         let mut w = tokio::io::BufWriter::new(tokio::fs::File::from_std(f));
         let fetched = super::fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, &mut w, |_, _| {})

@@ -299,7 +299,7 @@ fn redis_dir(cfg: &Config, reported: &str) -> Result<PathBuf, RestoreError> {
 
 /// Creates `path` new (never through a link, never an existing file), mode 0600, and gives it —
 /// through the descriptor, never the name — the owner of the live RDB (or of the folder).
-fn create_private(path: &Path, dir: &Path, rdb: &Path) -> std::io::Result<std::fs::File> {
+pub(super) fn create_private(path: &Path, dir: &Path, rdb: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let owner = std::fs::symlink_metadata(rdb).or_else(|_| std::fs::metadata(dir))?;
     let f = std::fs::OpenOptions::new()
