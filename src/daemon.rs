@@ -358,15 +358,19 @@ async fn hold_lease(
     let holder = crate::backup::run::instance_id();
     let bucket = cfg.backup.bucket.clone().unwrap_or_default();
     let mut busy = false;
+    // The client and keys are made once (a client per renewal would fetch credentials each time).
+    let mut made: Option<(crate::aws::s3::S3, crate::backup::seal::SealKeys)> = None;
     loop {
-        let made = match (crate::backup::run::s3_for(&cfg).await, crate::backup::seal::SealKeys::for_config(&cfg)) {
-            (Ok(s3), Ok(keys)) => Ok((s3, keys)),
-            (Err(e), _) => Err(e.to_string()),
-            (_, Err(e)) => Err(e.to_string()),
-        };
-        match made {
-            Err(e) => warn!("the backup prefix's lease cannot be renewed: {e}"),
-            Ok((s3, keys)) => match lease::acquire(&s3, &bucket, &cfg.backup.prefix, &keys, &holder, ttl).await {
+        if made.is_none() {
+            match (crate::backup::run::s3_for(&cfg).await, crate::backup::seal::SealKeys::for_config(&cfg)) {
+                (Ok(s3), Ok(keys)) => made = Some((s3, keys)),
+                (Err(e), _) => warn!("the backup prefix's lease cannot be renewed: {e}"),
+                (_, Err(e)) => warn!("the backup prefix's lease cannot be renewed: {e}"),
+            }
+        }
+        match &made {
+            None => {}
+            Some((s3, keys)) => match lease::acquire(s3, &bucket, &cfg.backup.prefix, keys, &holder, ttl).await {
                 Ok(held) => {
                     match held {
                         Held::Taken => info!("took the backup prefix's lease as {holder}"),
