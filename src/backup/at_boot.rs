@@ -63,9 +63,10 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
     let archive = Archive::for_config(cfg, s3.clone()).map_err(|e| no_keys(&e))?;
     // One writer per prefix: a box still running on these backups (or one restoring them right
     // now) holds the lease; this one waits until it stops renewing it.
-    let keys = super::seal::SealKeys::for_config(cfg).map_err(|e| no_keys(&e))?;
     let holder = run::instance_id();
-    match super::lease::acquire(&s3, &bucket, &cfg.backup.prefix, &keys, &holder, cfg.recovery.lease_ttl.get()).await {
+    match super::lease::acquire(&s3, &bucket, &cfg.backup.prefix, &archive.keys, &holder, cfg.recovery.lease_ttl.get())
+        .await
+    {
         Ok(super::lease::Held::TakenOver(old)) => progress(format!(
             "took over the backup prefix's lease from instance {} (not renewed since {})",
             old.holder, old.renewed_at
