@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{self, Loaded, Sources};
 use crate::control::dbus::{Control, Request};
@@ -132,6 +132,19 @@ impl Daemon {
     }
 }
 
+/// Once start-up has settled (configuration, D-Bus, clients, the first probes), the code pages
+/// it alone touched go back to the kernel (see [`crate::pageout`]).
+async fn release_startup_pages(cancel: CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+    }
+    match crate::pageout::release_code_pages() {
+        Ok(bytes) => debug!(bytes, "start-up code pages given back to the kernel"),
+        Err(e) => debug!("cannot give start-up code pages back: {e}"),
+    }
+}
+
 /// Work that starts after READY and must not hold up the control plane, in order: the alerts
 /// (shared with jobs), the repair of an update interrupted by a crash, then supervision.
 async fn start_background(
@@ -164,6 +177,7 @@ async fn start_background(
     } else {
         info!("CloudWatch metrics are off (metrics.enabled = false): nothing outside the box notices if it dies");
     }
+    tokio::spawn(release_startup_pages(cancel.clone()));
     reconcile_releases(&cfg, systemd.as_ref(), &alerts).await;
     if cfg.backup.bucket.is_some() {
         // Leftovers of a killed restore or drill; postgres may come up only once supervision starts it.

@@ -61,6 +61,8 @@ pub mod maintenance;
 pub mod mountinfo;
 /// Incidents and alert emails.
 pub mod notify;
+/// Clean code pages that start-up touched, given back to the kernel.
+pub mod pageout;
 /// PostgreSQL access as the database's OS user (peer authentication).
 pub mod pg;
 /// SCRAM-SHA-256 password verifiers (a password never reaches PostgreSQL).
