@@ -6,6 +6,8 @@ pub mod alerts;
 pub mod at_boot;
 /// Physical base backups (pg_basebackup), the start of point-in-time recovery.
 pub mod base;
+/// Exact row counts read from pg_dump's stream as it passes.
+pub mod dump_scan;
 /// The way back: S3 → age → zstd → a sink, hashed.
 pub mod fetch;
 /// One writer per backup prefix: a lease object in S3.

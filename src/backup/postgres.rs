@@ -74,6 +74,85 @@ pub async fn row_counts(
     Ok(counted.into_iter().flatten().collect())
 }
 
+/// Each counted table (as [`TABLES`]) with every relation `count(*)` on it reads: itself and its
+/// inheritance or partition descendants, each with its kind and whether an extension owns it.
+const TREES: &str = "WITH RECURSIVE roots AS ( \
+       SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+       WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+         AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+         AND n.nspname NOT LIKE 'pg_temp%'), \
+     tree(root, rel) AS (SELECT oid, oid FROM roots \
+       UNION SELECT t.root, i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.rel) \
+     SELECT rn.nspname, r.relname, n.nspname, c.relname, c.relkind::text, \
+       EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid \
+               AND d.deptype = 'e') \
+     FROM tree t JOIN pg_class r ON r.oid = t.root JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+     JOIN pg_class c ON c.oid = t.rel JOIN pg_namespace n ON n.oid = c.relnamespace";
+
+/// How a backup's row counts were taken.
+#[derive(Debug, Default, PartialEq)]
+pub struct Census {
+    pub counts: BTreeMap<String, i64>,
+    /// Tables counted from the dump's stream.
+    pub from_dump: usize,
+    /// Tables counted with `count(*)`: an extension's (pg_dump holds only the rows the
+    /// extension did not make), or with a descendant the dump holds no rows of (a foreign table).
+    pub by_sql: Vec<String>,
+}
+
+/// The exact row counts of every table of `database` in `snapshot`, from what pg_dump's stream
+/// held (`dumped`: rows per `schema.table`, [`crate::backup::dump_scan`]) wherever that equals
+/// `count(*)`: a table's count is the sum of its own rows and its descendants' (inheritance
+/// children, partitions), as `count(*)` on it is. Tables the dump cannot answer for are counted
+/// with SQL in the same snapshot (small: extension configuration tables such as PostGIS's
+/// `spatial_ref_sys`).
+pub async fn counts_with_dump(
+    target: &PgTarget,
+    database: &str,
+    snapshot: &str,
+    dumped: &crate::backup::dump_scan::DumpCounts,
+) -> Result<Census, PgError> {
+    let client = target.connect(database, Duration::from_secs(30)).await?;
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {};",
+            quote_literal(snapshot)
+        ))
+        .await?;
+    // root → (sum from the dump, or None once one member cannot be answered from it)
+    let mut roots: BTreeMap<(String, String), Option<i64>> = BTreeMap::new();
+    for row in client.query(TREES, &[]).await? {
+        let root: (String, String) = (row.get(0), row.get(1));
+        let (schema, name, kind, extension): (String, String, String, bool) =
+            (row.get(2), row.get(3), row.get(4), row.get(5));
+        let slot = roots.entry(root).or_insert(Some(0));
+        let rows = match kind.as_str() {
+            "p" => Some(0),
+            "r" if !extension => dumped.get(&format!("{schema}.{name}")).map(|n| *n as i64),
+            _ => None,
+        };
+        *slot = slot.zip(rows).map(|(a, b)| a + b);
+    }
+    let mut census = Census::default();
+    for ((schema, table), rows) in roots {
+        let key = format!("{schema}.{table}");
+        let n = match rows {
+            Some(n) => {
+                census.from_dump += 1;
+                n
+            }
+            None => {
+                let sql = format!("SELECT count(*) FROM {}.{}", quote_ident(&schema), quote_ident(&table));
+                census.by_sql.push(key.clone());
+                client.query_one(&sql, &[]).await?.get(0)
+            }
+        };
+        census.counts.insert(key, n);
+    }
+    let _ = client.batch_execute("COMMIT").await;
+    Ok(census)
+}
+
 impl Snapshot {
     /// Opens the transaction and exports its snapshot; a backup then counts rows in it (with
     /// [`row_counts`] in [`Snapshot::id`]) while pg_dump streams it.

@@ -11,6 +11,7 @@ use super::seal::SealKeys;
 use super::stream::{Encryption, StreamConfig, upload};
 use crate::aws::s3::S3;
 use crate::config::Config;
+use tracing::{info, warn};
 
 /// Object layout: `PREFIX/KIND/YYYY/MM/DD/ID/{data.zst.age, manifest.json}`.
 pub const DATA: &str = "data.zst.age";
@@ -213,23 +214,49 @@ pub async fn backup(
                 .args(pg_dump_args(&target, db, &snapshot.id))
                 .spawn()
                 .map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
-            progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}; counting rows"));
+            progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}"));
             let stdout = child.stdout.take().expect("piped");
             crate::fsutil::grow_pipe(&stdout);
             let err_task = crate::pg::collect_stderr(child.stderr.take());
-            // The exact row counts are taken in the same snapshot while pg_dump streams it.
-            let (pending, counts) = tokio::join!(
-                upload(s3, &bucket, &data_key, stdout, stream_cfg.clone(), on_part),
-                super::postgres::row_counts(&target, db, Some(&snapshot.id), count_workers())
-            );
+            // The exact row counts come from the dump's own COPY text as it passes (one read of
+            // the database, not two); what the stream cannot answer is counted in the same
+            // snapshot afterwards, which stays open until then.
+            let scan = std::sync::Arc::new(std::sync::Mutex::new(super::dump_scan::DumpScan::default()));
+            let scanned = super::dump_scan::Scanned { inner: stdout, scan: scan.clone() };
+            let pending = upload(s3, &bucket, &data_key, scanned, stream_cfg.clone(), on_part).await;
             let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;
             let stderr = err_task.await.unwrap_or_default();
-            let _ = snapshot.end().await;
-            let pending = pending?;
+            let pending = match pending {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = snapshot.end().await;
+                    return Err(e.into());
+                }
+            };
             if !status.success() {
+                let _ = snapshot.end().await;
                 let _ = pending.abort().await;
                 return Err(BackupError::Producer { producer: "pg_dump".into(), status: status.to_string(), stderr });
             }
+            let scanned = std::mem::take(&mut *scan.lock().unwrap_or_else(|p| p.into_inner())).finish();
+            let counts = match scanned {
+                Ok(dumped) => super::postgres::counts_with_dump(&target, db, &snapshot.id, &dumped).await.map(|c| {
+                    info!(
+                        from_dump = c.from_dump,
+                        by_sql = ?c.by_sql,
+                        "row counts of {db}: {} table(s) from the dump's stream, {} with count(*)",
+                        c.from_dump,
+                        c.by_sql.len()
+                    );
+                    c.counts
+                }),
+                Err(why) => {
+                    warn!("row counts of {db}: the dump's stream could not be read ({why}); counting with SQL instead");
+                    progress(format!("postgres: counting rows of {db} with SQL"));
+                    super::postgres::row_counts(&target, db, Some(&snapshot.id), count_workers()).await
+                }
+            };
+            let _ = snapshot.end().await;
             let counts = match counts {
                 Ok(c) => c,
                 Err(e) => {
