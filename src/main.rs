@@ -169,7 +169,9 @@ async fn firstboot(sources: &Sources, json: bool) -> u8 {
     let alerts: std::sync::Arc<tokio::sync::OnceCell<caretaker::notify::Alerts>> = Default::default();
     let on_wait = {
         let (cfg, alerts) = (cfg.clone(), alerts.clone());
+        let notifier = caretaker::systemd::notify::Notifier::from_env();
         move |why: Option<&str>| {
+            notifier.status(why.unwrap_or("the wait is over: restoring the backups"));
             let (cfg, alerts, why) = (cfg.clone(), alerts.clone(), why.map(str::to_string));
             tokio::spawn(async move {
                 let a = alerts.get_or_init(|| caretaker::daemon::build_alerts(&cfg)).await;

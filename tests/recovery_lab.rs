@@ -305,6 +305,40 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     );
     assert!(waits[1].contains("resolved:"), "{waits:?}");
 
+    // Box C comes up blank against the same prefix while box B lives: it restores nothing,
+    // initialises nothing, starts nothing, and says which instance holds the prefix.
+    let forwarders_c = std::cell::RefCell::new(vec![]);
+    let (c, _imds_c) = blank_box(
+        "rb-c",
+        "i-0cccccccccccccccc",
+        dir.path(),
+        |c| {
+            let ns = format!("/proc/{}/ns/net", c.pid1());
+            let ssm = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
+            let s3 = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
+            let e = (format!("http://127.0.0.1:{}", ssm.port), format!("http://127.0.0.1:{}", s3.port));
+            forwarders_c.borrow_mut().extend([ssm, s3]);
+            e
+        },
+        &identity,
+    );
+    c.sh_ok("systemctl start --no-block caretaker-firstboot.service");
+    wait_until(
+        "box C waits for box B's lease",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || c.journal("caretaker-firstboot.service").contains("held by instance i-0bbbbbbbbbbbbbbbb"),
+        || c.journal("caretaker-firstboot.service"),
+    );
+    assert!(c.sh("test -e /data/postgres/PG_VERSION").status.code() == Some(1), "box C made a cluster");
+    assert_eq!(c.sh_ok("systemctl is-active caretaker-firstboot.service || true").trim(), "activating");
+    assert_ne!(c.sh_ok("systemctl is-active postgresql.service || true").trim(), "active");
+    let status = c.sh_ok("systemctl status --no-pager caretaker-firstboot.service || true");
+    let line = status.lines().find(|l| l.trim_start().starts_with("Status:")).unwrap_or_default();
+    assert!(line.contains("held by instance i-0bbbbbbbbbbbbbbbb"), "systemctl status names the holder: {status}");
+    drop(c);
+    drop(forwarders_c);
+
     // Then a fresh base backup: the new timeline's first.
     wait_until(
         "a base backup on the new timeline",
