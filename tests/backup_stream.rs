@@ -555,3 +555,64 @@ async fn in_a_bucket_with_object_lock_backups_upload_and_pruning_only_hides_lock
     let destroy = client.delete_object().bucket("locked").key(manifest).version_id(version).send().await;
     assert!(destroy.is_err(), "a locked version was deleted");
 }
+
+/// What the SDK puts on the wire for one part, captured by a one-shot HTTP server: always the
+/// CRC32 that S3 checks (and Object Lock buckets require); the SHA-256 of the body signed as well
+/// only when asked (plain HTTP); with unsigned parts (what caretaker does over TLS) that second,
+/// costlier pass over the bytes is gone.
+#[tokio::test]
+async fn a_part_carries_the_crc32_s3_checks_and_a_signed_sha256_only_when_asked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn capture(unsigned: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 65536];
+            // The headers, then as many bytes as Content-Length announces.
+            loop {
+                let n = sock.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).to_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                        .unwrap_or(0);
+                    if req.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            sock.write_all(b"HTTP/1.1 200 OK\r\nETag: \"abc\"\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+            let end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            String::from_utf8_lossy(&req[..end]).to_lowercase()
+        });
+        let s3 = s3_at(&endpoint).await.with_unsigned_parts(unsigned);
+        let etag = s3.upload_part("b", "k", "upload-1", 1, bytes::Bytes::from(vec![7u8; 64 * 1024])).await.unwrap();
+        assert_eq!(etag, "\"abc\"");
+        server.await.unwrap()
+    }
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(vec![7u8; 64 * 1024]).iter().map(|b| format!("{b:02x}")).collect();
+    let signed = capture(false).await;
+    assert!(signed.contains(&format!("x-amz-content-sha256: {digest}")), "the body's SHA-256 is signed:\n{signed}");
+    assert!(signed.contains("x-amz-checksum-crc32:"), "{signed}");
+    let unsigned = capture(true).await;
+    assert!(unsigned.contains("x-amz-content-sha256: unsigned-payload"), "no SHA-256 pass for SigV4:\n{unsigned}");
+    assert!(unsigned.contains("x-amz-checksum-crc32:"), "S3 still checks every part:\n{unsigned}");
+
+    // An S3 server takes unsigned parts: a multipart upload of two of them reads back whole.
+    let moto = Moto::start().unwrap();
+    let s3 = bucket(&moto, "unsigned").await.with_unsigned_parts(true);
+    let id = s3.create_multipart("unsigned", "k").await.unwrap();
+    let (a, b) = (vec![1u8; 5 << 20], vec![2u8; 1000]);
+    let e1 = s3.upload_part("unsigned", "k", &id, 1, bytes::Bytes::from(a.clone())).await.unwrap();
+    let e2 = s3.upload_part("unsigned", "k", &id, 2, bytes::Bytes::from(b.clone())).await.unwrap();
+    s3.complete_multipart("unsigned", "k", &id, &[e1, e2]).await.unwrap();
+    assert_eq!(s3.get_object("unsigned", "k").await.unwrap().unwrap(), [a, b].concat());
+}

@@ -383,7 +383,8 @@ async fn database_size_and_owner(target: &crate::pg::PgTarget, db: &str) -> Opti
 pub async fn s3_for(cfg: &Config) -> Result<S3, BackupError> {
     let region = crate::aws::region::local(&cfg.aws).map_err(|e| BackupError::Setup(e.to_string()))?;
     let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region.name).await;
-    Ok(S3::new(crate::aws::sdk::s3_client(&sdk, &cfg.aws)))
+    Ok(S3::new(crate::aws::sdk::s3_client(&sdk, &cfg.aws))
+        .with_unsigned_parts(crate::aws::s3::tls_endpoint(cfg.aws.s3_endpoint.as_deref())))
 }
 
 /// This instance's id (from firstboot's instance.env), or the host name.

@@ -204,7 +204,8 @@ pub async fn run(sources: &Sources, opts: &Options) -> Report {
             let date = ServerDate::default();
             let ssm = SsmClient::new(sdk::ssm_client(&sdk, &cfg.aws));
             let ses = SesClient::new(sdk::ses_client(&sdk, &cfg.aws));
-            let s3 = S3::new(sdk::s3_client(&sdk, &cfg.aws));
+            let s3 = S3::new(sdk::s3_client(&sdk, &cfg.aws))
+                .with_unsigned_parts(crate::aws::s3::tls_endpoint(cfg.aws.s3_endpoint.as_deref()));
             let cloudwatch = crate::aws::cloudwatch::CloudWatch::new(sdk::cloudwatch_client(&sdk, &cfg.aws));
             let (ssm, ses, alarms, buckets) = tokio::join!(
                 aws::check_ssm(cfg, ssm, opts.aws_deadline),
