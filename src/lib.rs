@@ -65,6 +65,8 @@ pub mod notify;
 pub mod pageout;
 /// PostgreSQL access as the database's OS user (peer authentication).
 pub mod pg;
+/// CPU priority for caretaker's heavy work.
+pub mod priority;
 /// SCRAM-SHA-256 password verifiers (a password never reaches PostgreSQL).
 pub mod scram;
 /// systemd integration (sd_notify, the manager over D-Bus).

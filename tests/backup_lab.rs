@@ -43,6 +43,13 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
             && l.ends_with("/s")),
         "{stdout}"
     );
+    // pg_dump and the PostgreSQL backend serving it ran at [jobs] nice (10): the backend is
+    // another user's process, lowered with the unit's CAP_SYS_NICE; the counts came from the
+    // dump's stream.
+    let journal = b.journal("caretaker.service");
+    assert!(journal.contains("pg_dump and its PostgreSQL backend run at nice 10"), "{journal}");
+    assert!(!journal.contains("cannot lower the priority"), "{journal}");
+    assert!(journal.contains("table(s) from the dump's stream"), "{journal}");
 
     let list = b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json");
     let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();

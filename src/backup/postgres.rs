@@ -153,6 +153,34 @@ pub async fn counts_with_dump(
     Ok(census)
 }
 
+/// Lowers the CPU priority of the PostgreSQL backends whose `application_name` is `app` (the
+/// one serving a backup's pg_dump) to `nice`, once they appear (within ~5 s); returns their pids.
+/// The backends belong to the postgres user: this takes CAP_SYS_NICE (the daemon's unit has it).
+pub async fn lower_backends(target: &PgTarget, app: &str, nice: i32) -> Result<Vec<u32>, PgError> {
+    if nice <= 0 {
+        return Ok(vec![]);
+    }
+    let client = target.connect("postgres", Duration::from_secs(10)).await?;
+    for _ in 0..50 {
+        let pids: Vec<u32> = client
+            .query("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&app])
+            .await?
+            .iter()
+            .filter_map(|r| u32::try_from(r.get::<_, i32>(0)).ok())
+            .collect();
+        if !pids.is_empty() {
+            for pid in &pids {
+                if let Err(e) = crate::priority::lower(*pid, nice) {
+                    tracing::warn!("cannot lower the priority of PostgreSQL backend {pid} ({app}): {e}");
+                }
+            }
+            return Ok(pids);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(vec![])
+}
+
 impl Snapshot {
     /// Opens the transaction and exports its snapshot; a backup then counts rows in it (with
     /// [`row_counts`] in [`Snapshot::id`]) while pg_dump streams it.

@@ -208,12 +208,13 @@ pub async fn backup(
                 Snapshot::export(&target, db).await.map_err(|e| BackupError::Setup(format!("postgres: {e}")))?;
             // How much room a restore of this backup will need (see backup::room).
             let (database_bytes, owner) = database_size_and_owner(&target, db).await.unzip();
-            let mut child = target
-                .tool("pg_dump")
-                .map_err(|e| BackupError::Setup(e.to_string()))?
-                .args(pg_dump_args(&target, db, &snapshot.id))
-                .spawn()
-                .map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
+            // pg_dump and the backend serving it run at `[jobs] nice`: on one vCPU the API's
+            // queries come first. The backend is found by the application name given here.
+            let app = format!("caretaker-backup-{id}");
+            let mut cmd = target.tool("pg_dump").map_err(|e| BackupError::Setup(e.to_string()))?;
+            cmd.args(pg_dump_args(&target, db, &snapshot.id)).env("PGAPPNAME", &app);
+            crate::priority::child_at(&mut cmd, cfg.jobs.nice);
+            let mut child = cmd.spawn().map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
             progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}"));
             let stdout = child.stdout.take().expect("piped");
             crate::fsutil::grow_pipe(&stdout);
@@ -223,7 +224,17 @@ pub async fn backup(
             // snapshot afterwards, which stays open until then.
             let scan = std::sync::Arc::new(std::sync::Mutex::new(super::dump_scan::DumpScan::default()));
             let scanned = super::dump_scan::Scanned { inner: stdout, scan: scan.clone() };
-            let pending = upload(s3, &bucket, &data_key, scanned, stream_cfg.clone(), on_part).await;
+            let (pending, lowered) = tokio::join!(
+                upload(s3, &bucket, &data_key, scanned, stream_cfg.clone(), on_part),
+                super::postgres::lower_backends(&target, &app, cfg.jobs.nice)
+            );
+            match lowered {
+                Ok(pids) if !pids.is_empty() => {
+                    info!(nice = cfg.jobs.nice, backends = ?pids, "pg_dump and its PostgreSQL backend run at nice {}", cfg.jobs.nice)
+                }
+                Ok(_) => {}
+                Err(e) => warn!("cannot find pg_dump's PostgreSQL backend to lower its priority: {e}"),
+            }
             let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;
             let stderr = err_task.await.unwrap_or_default();
             let pending = match pending {

@@ -43,6 +43,7 @@ pub struct Config {
     pub release: ReleaseConfig,
     pub metrics: MetricsConfig,
     pub recovery: RecoveryConfig,
+    pub jobs: JobsConfig,
 }
 
 /// The daemon itself.
@@ -380,6 +381,22 @@ pub enum OnBlankVolume {
     Empty,
     /// Stop: nothing starts until an operator decides.
     Refuse,
+}
+
+/// How caretaker's heavy work shares the box's CPU with PostgreSQL's foreground work and the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct JobsConfig {
+    /// The nice value (0–19) of the producers a backup starts (pg_dump) and of the PostgreSQL
+    /// backend that serves pg_dump: under contention they yield the CPU to the API's queries;
+    /// on an idle box they run at full speed. 0 turns it off.
+    pub nice: i32,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { nice: 10 }
+    }
 }
 
 /// Recovery at boot.

@@ -52,6 +52,9 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if config.aws.imds_deadline.get() < Duration::from_secs(1) {
         return Err(fail("aws.imds-deadline", "must be at least 1s".into()));
     }
+    if !(0..=19).contains(&config.jobs.nice) {
+        return Err(fail("jobs.nice", format!("{} is not a nice value from 0 to 19", config.jobs.nice)));
+    }
     if !(Duration::from_secs(5)..=Duration::from_secs(3600)).contains(&config.recovery.retry_max.get()) {
         return Err(fail("recovery.retry-max", "must be between 5s and 1h".into()));
     }
