@@ -640,7 +640,8 @@ async fn reconcile_releases(
 }
 
 /// Multipart uploads under our prefix left by a daemon that died mid-backup (SIGKILL, power loss)
-/// are aborted at start: no job of ours is running yet, so none of them can still complete.
+/// are aborted at start. A job may already be running by then (the bus accepts jobs at once):
+/// uploads this daemon created itself are never touched.
 async fn abort_stale_uploads(cfg: &crate::config::Config) {
     let Some(bucket) = cfg.backup.bucket.clone() else { return };
     let s3 = match crate::backup::run::s3_for(cfg).await {
@@ -651,10 +652,10 @@ async fn abort_stale_uploads(cfg: &crate::config::Config) {
         }
     };
     let prefix = format!("{}/", cfg.backup.prefix);
-    match s3.list_multipart_uploads(&bucket, &prefix).await {
-        Ok(uploads) => {
-            for (key, id) in uploads {
-                match s3.abort_multipart(&bucket, &key, &id).await {
+    match crate::backup::stream::abort_stale_uploads(&s3, &bucket, &prefix).await {
+        Ok(done) => {
+            for (key, result) in done {
+                match result {
                     Ok(()) => {
                         info!("aborted a stale multipart upload of s3://{bucket}/{key} (left by an interrupted backup)")
                     }

@@ -616,3 +616,32 @@ async fn a_part_carries_the_crc32_s3_checks_and_a_signed_sha256_only_when_asked(
     s3.complete_multipart("unsigned", "k", &id, &[e1, e2]).await.unwrap();
     assert_eq!(s3.get_object("unsigned", "k").await.unwrap().unwrap(), [a, b].concat());
 }
+
+/// The daemon's cleaner of stale multipart uploads (left by a killed daemon) runs while jobs may
+/// already run: an upload this process created and has not finished is never one of them.
+#[tokio::test]
+async fn uploads_this_process_is_running_are_never_stale() {
+    let moto = Moto::start().unwrap();
+    let s3 = bucket(&moto, "live").await;
+    let running = s3.create_multipart("live", "caretaker/postgres/a/data.zst.age").await.unwrap();
+    assert!(caretaker::aws::s3::ours_in_flight(&running));
+    // One another process left behind (created with a raw request: not this process's).
+    let left =
+        moto.request("POST", "/live/caretaker/postgres/b/data.zst.age?uploads", &[Moto::s3_auth()], b"").unwrap();
+    assert_eq!(left.status, 200, "{}", left.text());
+    assert_eq!(s3.list_multipart_uploads("live", "caretaker/").await.unwrap().len(), 2);
+    let aborted = caretaker::backup::stream::abort_stale_uploads(&s3, "live", "caretaker/").await.unwrap();
+    let keys: Vec<&str> = aborted
+        .iter()
+        .map(|(k, r)| {
+            assert!(r.is_ok(), "{r:?}");
+            k.as_str()
+        })
+        .collect();
+    assert_eq!(keys, ["caretaker/postgres/b/data.zst.age"], "only what another process left");
+    let left: Vec<_> = s3.list_multipart_uploads("live", "caretaker/").await.unwrap();
+    assert_eq!(left, [("caretaker/postgres/a/data.zst.age".to_string(), running.clone())], "the running one stays");
+    // Once finished (completed or aborted) it is no longer this process's to protect.
+    s3.abort_multipart("live", "caretaker/postgres/a/data.zst.age", &running).await.unwrap();
+    assert!(!caretaker::aws::s3::ours_in_flight(&running));
+}

@@ -42,6 +42,20 @@ pub struct S3 {
     unsigned_parts: bool,
 }
 
+/// Multipart uploads this process created and has neither completed nor aborted: a cleaner of
+/// stale uploads (left by a killed daemon) must never abort one of these, whose backup is running.
+static IN_FLIGHT: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn in_flight() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<String>> {
+    IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether upload `upload_id` is one of this process's, still running.
+pub fn ours_in_flight(upload_id: &str) -> bool {
+    in_flight().contains(upload_id)
+}
+
 /// Whether the S3 endpoint is reached over TLS: AWS's own (no override) or an `https://` one.
 pub fn tls_endpoint(endpoint: Option<&str>) -> bool {
     endpoint.is_none_or(|e| e.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")))
@@ -82,6 +96,9 @@ impl S3 {
             bucket,
             key,
         ))?;
+        if let Some(id) = out.upload_id() {
+            in_flight().insert(id.to_string());
+        }
         out.upload_id().map(str::to_string).ok_or_else(|| S3Error {
             operation: "CreateMultipartUpload",
             bucket: bucket.into(),
@@ -137,10 +154,12 @@ impl S3 {
             .send()
             .await
             .map_err(Self::err("CompleteMultipartUpload", bucket, key))?;
+        in_flight().remove(upload_id);
         Ok(())
     }
 
     pub async fn abort_multipart(&self, bucket: &str, key: &str, upload_id: &str) -> Result<(), S3Error> {
+        in_flight().remove(upload_id);
         self.client
             .abort_multipart_upload()
             .bucket(bucket)

@@ -380,6 +380,25 @@ where
     result
 }
 
+/// Aborts the multipart uploads under `prefix` that are not this process's own running ones
+/// ([`crate::aws::s3::ours_in_flight`]): what a killed daemon left behind. Returns each
+/// aborted key with the abort's outcome.
+pub async fn abort_stale_uploads(
+    s3: &S3,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Vec<(String, Result<(), S3Error>)>, S3Error> {
+    let mut done = Vec::new();
+    for (key, id) in s3.list_multipart_uploads(bucket, prefix).await? {
+        if crate::aws::s3::ours_in_flight(&id) {
+            continue;
+        }
+        let result = s3.abort_multipart(bucket, &key, &id).await;
+        done.push((key, result));
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
