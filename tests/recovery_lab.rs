@@ -97,6 +97,18 @@ fn ssm_parameters(moto: &Moto) {
     }
 }
 
+/// Two forwarders from box `b`'s network to moto's (SSM, then S3), kept in `keep`; their
+/// endpoints as seen from the box.
+fn forward_to(moto: &Moto, b: &LabBox, keep: &std::cell::RefCell<Vec<Proxy>>) -> (String, String) {
+    let ns = format!("/proc/{}/ns/net", b.pid1());
+    let moto_ns = || std::fs::File::open(format!("/proc/{}/ns/net", moto.pid())).unwrap();
+    let ssm = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
+    let s3 = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
+    let e = (format!("http://127.0.0.1:{}", ssm.port), format!("http://127.0.0.1:{}", s3.port));
+    keep.borrow_mut().extend([ssm, s3]);
+    e
+}
+
 #[test]
 fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgresql_starts() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,22 +188,9 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
 
     // Box B: a new blank volume, the same configuration; SSM through one forwarder, S3 through
     // another that starts switched off.
-    let moto_ns = || std::fs::File::open(format!("/proc/{}/ns/net", moto.pid())).unwrap();
     let forwarders = std::cell::RefCell::new(vec![]);
-    let (b, _imds_b) = blank_box(
-        "rb-b",
-        "i-0bbbbbbbbbbbbbbbb",
-        dir.path(),
-        |b| {
-            let ns = format!("/proc/{}/ns/net", b.pid1());
-            let ssm = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
-            let s3 = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
-            let e = (format!("http://127.0.0.1:{}", ssm.port), format!("http://127.0.0.1:{}", s3.port));
-            forwarders.borrow_mut().extend([ssm, s3]);
-            e
-        },
-        &identity,
-    );
+    let (b, _imds_b) =
+        blank_box("rb-b", "i-0bbbbbbbbbbbbbbbb", dir.path(), |b| forward_to(&moto, b, &forwarders), &identity);
     let forwarders = forwarders.into_inner();
     let ses = b.ses().expect("moto for SES in box B");
     let gate = &forwarders[1];
@@ -308,20 +307,8 @@ fn a_new_box_on_a_blank_volume_waits_for_s3_then_restores_itself_before_postgres
     // Box C comes up blank against the same prefix while box B lives: it restores nothing,
     // initialises nothing, starts nothing, and says which instance holds the prefix.
     let forwarders_c = std::cell::RefCell::new(vec![]);
-    let (c, _imds_c) = blank_box(
-        "rb-c",
-        "i-0cccccccccccccccc",
-        dir.path(),
-        |c| {
-            let ns = format!("/proc/{}/ns/net", c.pid1());
-            let ssm = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
-            let s3 = Proxy::across(std::path::Path::new(&ns), moto_ns(), moto.port());
-            let e = (format!("http://127.0.0.1:{}", ssm.port), format!("http://127.0.0.1:{}", s3.port));
-            forwarders_c.borrow_mut().extend([ssm, s3]);
-            e
-        },
-        &identity,
-    );
+    let (c, _imds_c) =
+        blank_box("rb-c", "i-0cccccccccccccccc", dir.path(), |c| forward_to(&moto, c, &forwarders_c), &identity);
     c.sh_ok("systemctl start --no-block caretaker-firstboot.service");
     wait_until(
         "box C waits for box B's lease",

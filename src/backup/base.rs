@@ -180,27 +180,9 @@ impl TarScan {
     }
 }
 
-/// A reader that shows every byte it passes to a [`TarScan`].
-pub struct Watched<R> {
-    pub inner: R,
-    pub scan: std::sync::Arc<std::sync::Mutex<TarScan>>,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &r {
-            let new = &buf.filled()[before..];
-            if !new.is_empty() {
-                self.scan.lock().expect("scan lock").feed(new);
-            }
-        }
-        r
+impl super::stream::Scan for TarScan {
+    fn feed(&mut self, bytes: &[u8]) {
+        TarScan::feed(self, bytes)
     }
 }
 

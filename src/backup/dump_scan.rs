@@ -407,27 +407,9 @@ impl DumpScan {
     }
 }
 
-/// A reader that passes every byte it reads through a [`DumpScan`].
-pub struct Scanned<R> {
-    pub inner: R,
-    pub scan: std::sync::Arc<std::sync::Mutex<DumpScan>>,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Scanned<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &r {
-            let new = &buf.filled()[before..];
-            if !new.is_empty() {
-                self.scan.lock().unwrap_or_else(|p| p.into_inner()).feed(new);
-            }
-        }
-        r
+impl super::stream::Scan for DumpScan {
+    fn feed(&mut self, bytes: &[u8]) {
+        DumpScan::feed(self, bytes)
     }
 }
 

@@ -223,7 +223,7 @@ pub async fn backup(
             // the database, not two); what the stream cannot answer is counted in the same
             // snapshot afterwards, which stays open until then.
             let scan = std::sync::Arc::new(std::sync::Mutex::new(super::dump_scan::DumpScan::default()));
-            let scanned = super::dump_scan::Scanned { inner: stdout, scan: scan.clone() };
+            let scanned = super::stream::Watched { inner: stdout, scan: scan.clone() };
             let (pending, lowered) = tokio::join!(
                 upload(s3, &bucket, &data_key, scanned, stream_cfg.clone(), on_part),
                 super::postgres::lower_backends(&target, &app, cfg.jobs.nice)
@@ -309,7 +309,7 @@ pub async fn backup(
             crate::fsutil::grow_pipe(&stdout);
             let err_task = crate::pg::collect_stderr(child.stderr.take());
             let scan = std::sync::Arc::new(std::sync::Mutex::new(super::base::TarScan::default()));
-            let watched = super::base::Watched { inner: stdout, scan: scan.clone() };
+            let watched = super::stream::Watched { inner: stdout, scan: scan.clone() };
             let pending = upload(s3, &bucket, &data_key, watched, stream_cfg.clone(), on_part).await;
             let status =
                 child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_basebackup: {e}")))?;

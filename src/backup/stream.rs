@@ -380,6 +380,36 @@ where
     result
 }
 
+/// Something that reads a stream as it passes (a tar's facts, a dump's row counts).
+pub trait Scan {
+    fn feed(&mut self, bytes: &[u8]);
+}
+
+/// A reader that shows every byte it passes to a [`Scan`], shared with whoever reads the result
+/// once the stream has ended.
+pub struct Watched<R, S> {
+    pub inner: R,
+    pub scan: Arc<std::sync::Mutex<S>>,
+}
+
+impl<R: AsyncRead + Unpin, S: Scan> AsyncRead for Watched<R, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                self.scan.lock().unwrap_or_else(|p| p.into_inner()).feed(new);
+            }
+        }
+        r
+    }
+}
+
 /// Aborts the multipart uploads under `prefix` that are not this process's own running ones
 /// ([`crate::aws::s3::ours_in_flight`]): what a killed daemon left behind. Returns each
 /// aborted key with the abort's outcome.
