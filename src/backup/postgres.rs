@@ -22,11 +22,19 @@ pub struct Snapshot {
 /// Tables whose rows are counted: ordinary and partitioned tables outside the system schemas
 /// (partitions are counted through their parent only), largest first so that parallel counting
 /// finishes together.
-const TABLES: &str = "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
-       AND n.nspname NOT LIKE 'pg_temp%' \
-     ORDER BY pg_relation_size(c.oid) DESC, 1, 2";
+const TABLES: &str =
+    concat!("SELECT n.nspname, c.relname ", counted_tables!(), " ORDER BY pg_relation_size(c.oid) DESC, 1, 2");
+
+/// The FROM and WHERE of the tables whose rows are counted ([`TABLES`], [`TREES`]).
+macro_rules! counted_tables {
+    () => {
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+           AND n.nspname NOT LIKE 'pg_temp%'"
+    };
+}
+use counted_tables;
 
 /// How many connections count rows at once: one per core, 2 to 4.
 pub fn count_workers() -> usize {
@@ -76,18 +84,18 @@ pub async fn row_counts(
 
 /// Each counted table (as [`TABLES`]) with every relation `count(*)` on it reads: itself and its
 /// inheritance or partition descendants, each with its kind and whether an extension owns it.
-const TREES: &str = "WITH RECURSIVE roots AS ( \
-       SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-       WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
-         AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
-         AND n.nspname NOT LIKE 'pg_temp%'), \
+const TREES: &str = concat!(
+    "WITH RECURSIVE roots AS (SELECT c.oid ",
+    counted_tables!(),
+    "), \
      tree(root, rel) AS (SELECT oid, oid FROM roots \
        UNION SELECT t.root, i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.rel) \
      SELECT rn.nspname, r.relname, n.nspname, c.relname, c.relkind::text, \
        EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid \
                AND d.deptype = 'e') \
      FROM tree t JOIN pg_class r ON r.oid = t.root JOIN pg_namespace rn ON rn.oid = r.relnamespace \
-     JOIN pg_class c ON c.oid = t.rel JOIN pg_namespace n ON n.oid = c.relnamespace";
+     JOIN pg_class c ON c.oid = t.rel JOIN pg_namespace n ON n.oid = c.relnamespace"
+);
 
 /// How a backup's row counts were taken.
 #[derive(Debug, Default, PartialEq)]
