@@ -79,6 +79,8 @@ fn command(program: &Path, control_dir: &Path) -> Command {
         "TEST_API_VERSION",
         "TEST_API_FAIL_HEALTH",
         "TEST_API_EXIT_AFTER_MS",
+        "TEST_API_DATABASE_URL",
+        "TEST_API_DB_POOL",
         "TEST_API_LISTEN",
         "LISTEN_PID",
         "LISTEN_FDS",
@@ -248,4 +250,54 @@ fn socket_activation_uses_fd_3() {
     let api = socket_activated(&listener, "1", &["--listen", "127.0.0.1:0"], &dir.0);
     assert_ne!(api.base, format!("http://{addr}"));
     assert_eq!(api.health().0, 200);
+}
+
+/// `/api/zmanim` on a real PostgreSQL: the indexed query's rows as JSON, a 400 for a bad id, a 503
+/// naming the database while it is down, and a fresh connection once it is back. Without
+/// `TEST_API_DATABASE_URL` the path does not exist.
+#[test]
+fn zmanim_reads_postgresql_and_survives_its_restart() {
+    use caretaker_testkit::pg::Cluster;
+    let dir = Scratch::new();
+    let plain = start_with(&[], &[], &dir.0);
+    assert_eq!(plain.get("/api/zmanim?id=1").status, 404);
+
+    let mut pg = Cluster::init(16);
+    pg.set("listen_addresses=127.0.0.1");
+    pg.start();
+    pg.sql(
+        "create table cities(id int primary key, name text not null);
+         insert into cities select g, 'City ' || g from generate_series(1, 10) g;
+         create table zmanim(id bigint primary key, city int not null references cities, day date not null,
+                             sunrise time, sunset time, note text);
+         insert into zmanim select g, 1 + g % 10, '2026-01-01'::date + g, '06:00', '19:00',
+                case when g % 2 = 0 then 'line one\nline \"two\"' end from generate_series(1, 100) g;",
+    );
+    let url = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", pg.port);
+    let api = start_with(&[], &[("TEST_API_DATABASE_URL", &url), ("TEST_API_DB_POOL", "2")], &dir.0);
+    for _ in 0..3 {
+        let r = api.get("/api/zmanim?id=10");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let rows = body["zmanim"].as_array().unwrap();
+        assert_eq!(rows.len(), 30);
+        assert_eq!(rows[0]["id"], 10);
+        assert_eq!(rows[0]["city"], "City 1");
+        assert_eq!(rows[0]["note"], "line one\nline \"two\"");
+        assert_eq!(rows[1]["note"], serde_json::Value::Null);
+        assert_eq!(rows[29]["id"], 39);
+    }
+    assert_eq!(api.get("/api/zmanim?id=95").status, 200);
+    assert_eq!(api.get("/api/zmanim?id=ten").status, 400);
+    assert_eq!(api.get("/api/zmanim").status, 400);
+
+    pg.stop();
+    let r = api.get("/api/zmanim?id=1");
+    assert_eq!(r.status, 503);
+    assert!(r.text().starts_with("database: "), "{}", r.text());
+    pg.start();
+    for _ in 0..2 {
+        let r = api.get("/api/zmanim?id=1");
+        assert_eq!(r.status, 200, "after the restart (both pool connections): {}", r.text());
+    }
 }

@@ -11,6 +11,11 @@
 //! - Unhealthy: `--fail-health`, `TEST_API_FAIL_HEALTH=1` (env or trailer line) → /health is 500
 //!   for ever; while `$TEST_API_CONTROL_DIR/unhealthy` exists (default dir /run/test-api) → 500.
 //!   `TEST_API_EXIT_AFTER_MS=N` (env or trailer) → exits 1 after N ms.
+//! - `GET /api/zmanim?id=N` (only when `$TEST_API_DATABASE_URL` is set, a libpq-style URL or
+//!   key=value string): one indexed query on bench/lib/pgbox.sh's Zmanim-like schema — the 30
+//!   zmanim rows from id N joined with their cities — answered as JSON, over a pool of
+//!   `$TEST_API_DB_POOL` connections (default 4), connected lazily and reconnected after an error.
+//!   A database error is a 503 naming it: what a real API's load balancer would count.
 //! - Exits 0 on SIGTERM (and SIGINT).
 
 use std::convert::Infallible;
@@ -30,6 +35,59 @@ struct Settings {
     version: String,
     fail_health: bool,
     control_dir: PathBuf,
+    db: Option<Db>,
+}
+
+/// A small pool: connection `i` serves every request whose turn lands on it (round robin);
+/// tokio-postgres pipelines the queries that share a connection.
+struct Db {
+    url: String,
+    conns: Vec<tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+const ZMANIM_QUERY: &str = "select z.id, c.name, z.day::text, z.sunrise::text, z.sunset::text, z.note \
+     from zmanim z join cities c on c.id = z.city where z.id >= $1 and z.id < $1 + 30 order by z.id";
+
+impl Db {
+    async fn client(&self) -> anyhow::Result<(usize, Arc<tokio_postgres::Client>)> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+        let mut slot = self.conns[i].lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok((i, c.clone()));
+        }
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.context("connecting")?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                eprintln!("test-api: database connection: {e}");
+            }
+        });
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok((i, client))
+    }
+
+    async fn zmanim(&self, from: i64) -> anyhow::Result<String> {
+        let (i, client) = self.client().await?;
+        let rows = match client.query(ZMANIM_QUERY, &[&from]).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                *self.conns[i].lock().await = None;
+                return Err(e.into());
+            }
+        };
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.get::<_, i64>(0), "city": r.get::<_, String>(1), "day": r.get::<_, String>(2),
+                    "sunrise": r.get::<_, Option<String>>(3), "sunset": r.get::<_, Option<String>>(4),
+                    "note": r.get::<_, Option<String>>(5),
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({ "zmanim": rows }).to_string())
+    }
 }
 
 /// `KEY=VALUE` lines at the very end of `buf` (after its last non-matching line), in file order.
@@ -141,7 +199,21 @@ fn settings() -> anyhow::Result<Settings> {
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/test-api"));
-    Ok(Settings { version, fail_health, control_dir })
+    let db = match std::env::var("TEST_API_DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+        None => None,
+        Some(url) => {
+            let pool = std::env::var("TEST_API_DB_POOL").unwrap_or_else(|_| "4".to_string());
+            let pool: usize = pool
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=64).contains(n))
+                .with_context(|| format!("TEST_API_DB_POOL={pool:?} is not a number from 1 to 64"))?;
+            let conns = (0..pool).map(|_| tokio::sync::Mutex::new(None)).collect();
+            Some(Db { url, conns, next: Default::default() })
+        }
+    };
+    Ok(Settings { version, fail_health, control_dir, db })
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -163,6 +235,17 @@ fn handle(req: &Request<hyper::body::Incoming>, s: &Settings) -> Response<Full<B
         }
         "/api/ping" if get => respond(StatusCode::OK, "text/plain", "pong".to_string()),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    }
+}
+
+async fn zmanim(db: &Db, query: Option<&str>) -> Response<Full<Bytes>> {
+    let from = query.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("id=")).and_then(|v| v.parse::<i64>().ok());
+    let Some(from) = from else {
+        return respond(StatusCode::BAD_REQUEST, "text/plain", "want ?id=N (a number)\n".to_string());
+    };
+    match db.zmanim(from).await {
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
+        Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("database: {e:#}\n")),
     }
 }
 
@@ -215,8 +298,15 @@ fn main() -> anyhow::Result<()> {
             let settings = settings.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let r = handle(&req, &settings);
-                    async move { Ok::<_, Infallible>(r) }
+                    let settings = settings.clone();
+                    async move {
+                        if req.uri().path() == "/api/zmanim"
+                            && let Some(db) = settings.db.as_ref()
+                        {
+                            return Ok::<_, Infallible>(zmanim(db, req.uri().query()).await);
+                        }
+                        Ok::<_, Infallible>(handle(&req, &settings))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
