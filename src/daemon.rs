@@ -134,6 +134,37 @@ impl Daemon {
 
 /// Once start-up has settled (configuration, D-Bus, clients, the first probes), the code pages
 /// it alone touched go back to the kernel (see [`crate::pageout`]).
+/// `[jobs]`'s share of the CPU for everything the daemon runs: its unit's `CPUWeight=`/`IOWeight=`
+/// (cgroup v2 with systemd's cpu controller: the real box) and its session's autogroup nice
+/// (where the kernel shares the CPU between sessions instead). Neither is fatal: a daemon that
+/// cannot lower itself still does its work, and says so.
+async fn apply_job_priority(systemd: Option<crate::systemd::manager::Systemd>, jobs: config::JobsConfig) {
+    match crate::priority::set_autogroup_nice(jobs.nice) {
+        Ok(true) => info!(nice = jobs.nice, "the daemon's session (autogroup) runs at nice {}", jobs.nice),
+        Ok(false) => {}
+        Err(e) => warn!("cannot set the daemon's autogroup nice to {}: {e}", jobs.nice),
+    }
+    let Some(systemd) = systemd else { return };
+    let unit = match systemd.unit_of(std::process::id()).await {
+        Ok(unit) if unit.ends_with(".service") => unit,
+        Ok(other) => {
+            info!(unit = %other, "not run as a service: CPUWeight/IOWeight left alone");
+            return;
+        }
+        Err(e) => {
+            warn!("cannot find the daemon's own unit, CPUWeight/IOWeight left alone: {e}");
+            return;
+        }
+    };
+    match systemd.set_weights(&unit, jobs.cpu_weight, jobs.io_weight).await {
+        Ok(()) => info!(
+            unit = %unit, cpu_weight = jobs.cpu_weight, io_weight = jobs.io_weight,
+            "{unit} runs at CPUWeight={} IOWeight={} (the API and PostgreSQL: 100)", jobs.cpu_weight, jobs.io_weight
+        ),
+        Err(e) => warn!("cannot set {unit}'s CPUWeight/IOWeight: {e}"),
+    }
+}
+
 async fn release_startup_pages(cancel: CancellationToken) {
     tokio::select! {
         _ = cancel.cancelled() => return,
@@ -784,6 +815,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
             None
         }
     };
+    apply_job_priority(systemd.clone(), daemon.loaded.config.jobs.clone()).await;
     // Background work (supervision, jobs) runs in these tasks and is cancelled on shutdown.
     let mut tasks: JoinSet<()> = JoinSet::new();
     if daemon.loaded.config.backup.bucket.is_some() {
@@ -797,9 +829,9 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     }
     {
         let cfg = Arc::new(daemon.loaded.config.clone());
-        let (jobs, cancel) = (jobs.clone(), cancel.clone());
+        let (jobs, cancel, background_systemd) = (jobs.clone(), cancel.clone(), systemd.clone());
         let status = daemon.status.clone();
-        tasks.spawn(async move { start_background(cfg, systemd, services_tx, jobs, status, cancel).await });
+        tasks.spawn(async move { start_background(cfg, background_systemd, services_tx, jobs, status, cancel).await });
     }
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -821,13 +853,19 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
             _ = sigint.recv() => { info!("SIGINT received"); break; }
             _ = sighup.recv() => {
                 info!("SIGHUP received: reloading configuration");
-                let _ = daemon.reload();
+                if daemon.reload().is_ok() {
+                    tokio::spawn(apply_job_priority(systemd.clone(), daemon.loaded.config.jobs.clone()));
+                }
                 let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
             }
             Some(req) = req_rx.recv() => match req {
                 Request::Reload(reply) => {
                     info!("reload requested over D-Bus");
-                    let _ = reply.send(daemon.reload());
+                    let result = daemon.reload();
+                    if result.is_ok() {
+                        tokio::spawn(apply_job_priority(systemd.clone(), daemon.loaded.config.jobs.clone()));
+                    }
+                    let _ = reply.send(result);
                     let _ = iface.get().await.state_changed(iface.signal_emitter()).await;
                 }
             },

@@ -25,6 +25,29 @@ pub fn lower(pid: u32, nice: i32) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Sets the nice value of this process's autogroup (`/proc/self/autogroup`): where the kernel
+/// shares the CPU between sessions (tasks outside any cpu cgroup, with
+/// `kernel.sched_autogroup_enabled`), a process's own nice value only ranks it among its session,
+/// and the session's weight is this one. Ok(false) when the kernel has no autogroups.
+pub fn set_autogroup_nice(nice: i32) -> std::io::Result<bool> {
+    let path = "/proc/self/autogroup";
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(mut f) => {
+            use std::io::Write;
+            f.write_all(nice.to_string().as_bytes())?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// This process's autogroup nice value, if the kernel has autogroups (`/autogroup-N nice K`).
+pub fn autogroup_nice() -> Option<i32> {
+    let text = std::fs::read_to_string("/proc/self/autogroup").ok()?;
+    text.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// Makes the child `cmd` starts run at nice `nice` from its first instruction (set in the child
 /// after fork, as its own user: raising one's own nice value needs no privilege).
 pub fn child_at(cmd: &mut tokio::process::Command, nice: i32) {

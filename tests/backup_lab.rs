@@ -50,6 +50,14 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     assert!(journal.contains("pg_dump and its PostgreSQL backend run at nice 10"), "{journal}");
     assert!(!journal.contains("cannot lower the priority"), "{journal}");
     assert!(journal.contains("table(s) from the dump's stream"), "{journal}");
+    // The daemon's own share of the CPU: its unit's weights (systemd accepts and records them;
+    // this lab's cgroup-v1 cpu hierarchy is read-only in a box, so only the real box's cgroup v2
+    // enforces them) and its session's autogroup nice, which this kernel does enforce.
+    let weights = b.sh_ok("systemctl show caretaker.service -p CPUWeight -p IOWeight");
+    assert_eq!(weights.trim(), "CPUWeight=10\nIOWeight=10", "{journal}");
+    assert!(journal.contains("caretaker.service runs at CPUWeight=10 IOWeight=10"), "{journal}");
+    let autogroup = b.sh_ok("cat /proc/$(systemctl show caretaker.service -p MainPID --value)/autogroup");
+    assert!(autogroup.trim().ends_with("nice 10"), "{autogroup}");
 
     let list = b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json");
     let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
@@ -178,6 +186,13 @@ fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
     let out = b.sh("caretaker backup verify");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{stdout}\n{}", b.journal("caretaker.service"));
+    // The drill's pg_restore and the backend loading the data ran at [jobs] nice too.
+    let journal = b.journal("caretaker.service");
+    assert!(
+        journal.contains("pg_restore and its PostgreSQL backend ran at nice 10")
+            || journal.contains("pg_restore ran at nice 10 (done before"),
+        "{journal}"
+    );
     assert!(stdout.contains(&format!("postgres {id} verified")), "{stdout}");
     let v = verify_json(&moto, "postgres", &id);
     assert_eq!(v["ok"], true, "{v:#}");

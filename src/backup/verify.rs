@@ -12,6 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
 use super::fetch::{self, Fetched};
 use super::run::{self, DATA, Kind, Manifest, VERIFY};
@@ -136,16 +137,18 @@ async fn load_into(
     let list = super::unprivileged::prepare_load(&target, database, &toc, progress).await?;
 
     // Pass 2: the whole archive, as the unprivileged role, objects owned by it.
+    // pg_restore and the backend loading its data run at `[jobs] nice`, as a backup's pg_dump does.
     let decryption = fetch::decryption(cfg)?;
-    let mut child = restorer
-        .tool("pg_restore")?
-        .args(restorer.tool_args(database))
+    let app = format!("caretaker-load-{}", m.id);
+    let mut cmd = restorer.tool("pg_restore")?;
+    cmd.args(restorer.tool_args(database))
         .args(["--exit-on-error", "--no-owner"])
         .arg(format!("--use-list={}", list.path().display()))
+        .env("PGAPPNAME", &app)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| VerifyError::PgRestore(format!("cannot run pg_restore: {e}")))?;
+        .stdout(Stdio::null());
+    crate::priority::child_at(&mut cmd, cfg.jobs.nice);
+    let mut child = cmd.spawn().map_err(|e| VerifyError::PgRestore(format!("cannot run pg_restore: {e}")))?;
     let stdin = child.stdin.take().expect("piped");
     crate::fsutil::grow_pipe(&stdin);
     let err_task = crate::pg::collect_stderr(child.stderr.take());
@@ -156,7 +159,7 @@ async fn load_into(
     ));
     let total = m.plain_bytes;
     let last = std::sync::Mutex::new((Instant::now(), 0u64));
-    let fetched = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, stdin, |_, plain| {
+    let fetching = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, stdin, |_, plain| {
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         if (last.0.elapsed() < Duration::from_secs(2) && plain < total) || plain == last.1 {
             return;
@@ -168,8 +171,26 @@ async fn load_into(
             crate::units::human_bytes(total),
             crate::units::human_rate(plain, started.elapsed())
         ))
-    })
-    .await;
+    });
+    // The backend is lowered once it appears; a load done sooner does not wait for that.
+    let lowering = super::postgres::lower_backends(&target, &app, cfg.jobs.nice);
+    tokio::pin!(fetching, lowering);
+    let mut lowered = None;
+    let fetched = loop {
+        tokio::select! {
+            f = &mut fetching => break f,
+            l = &mut lowering, if lowered.is_none() => lowered = Some(l),
+        }
+    };
+    let nice = cfg.jobs.nice;
+    match lowered {
+        _ if nice == 0 => {}
+        Some(Ok(pids)) if !pids.is_empty() => {
+            info!(nice, backends = ?pids, "pg_restore and its PostgreSQL backend ran at nice {nice}")
+        }
+        Some(Err(e)) => warn!("pg_restore ran at nice {nice}; its PostgreSQL backend could not be found to lower: {e}"),
+        _ => info!(nice, "pg_restore ran at nice {nice} (done before its PostgreSQL backend was seen)"),
+    }
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {

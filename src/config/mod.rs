@@ -389,13 +389,23 @@ pub enum OnBlankVolume {
 pub struct JobsConfig {
     /// The nice value (0–19) of the producers a backup starts (pg_dump) and of the PostgreSQL
     /// backend that serves pg_dump: under contention they yield the CPU to the API's queries;
-    /// on an idle box they run at full speed. 0 turns it off.
+    /// on an idle box they run at full speed. 0 turns it off. The daemon's own session
+    /// (its autogroup: how the kernel shares the CPU between sessions outside cgroup weights)
+    /// runs at this nice value too.
     pub nice: i32,
+    /// caretaker.service's `CPUWeight=` (1–10000; systemd's default is 100), set by the daemon at
+    /// start and on reload: the share of a contended CPU its work (compression, encryption,
+    /// pg_dump, WAL archiving) gets beside PostgreSQL's and the API's 100 each.
+    pub cpu_weight: u64,
+    /// caretaker.service's `IOWeight=` (1–10000; default 100): effective only where the data
+    /// volume's scheduler weighs IO (BFQ, or the io.cost controller); EC2 NVMe volumes use none.
+    pub io_weight: u64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { nice: 10 }
+        // 10 of 100: the share nice 10 gives beside nice 0 (110 of 1024).
+        JobsConfig { nice: 10, cpu_weight: 10, io_weight: 10 }
     }
 }
 

@@ -101,6 +101,9 @@ fn bad_values_are_rejected() {
         ("[metrics]\ndeployment = \"zmanim prod\"\n", "without spaces"),
         ("[metrics]\nmax-queued = 0\n", "metrics.max-queued"),
         ("[metrics]\nenabled = \"yes\"\n", "metrics.enabled"),
+        ("[jobs]\nnice = 20\n", "jobs.nice"),
+        ("[jobs]\ncpu-weight = 0\n", "jobs.cpu-weight"),
+        ("[jobs]\nio-weight = 10001\n", "jobs.io-weight"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "caretaker.toml", text);

@@ -55,6 +55,11 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if !(0..=19).contains(&config.jobs.nice) {
         return Err(fail("jobs.nice", format!("{} is not a nice value from 0 to 19", config.jobs.nice)));
     }
+    for (key, weight) in [("jobs.cpu-weight", config.jobs.cpu_weight), ("jobs.io-weight", config.jobs.io_weight)] {
+        if !(1..=10000).contains(&weight) {
+            return Err(fail(key, format!("{weight} is not a weight from 1 to 10000 (systemd's default is 100)")));
+        }
+    }
     if !(Duration::from_secs(5)..=Duration::from_secs(3600)).contains(&config.recovery.retry_max.get()) {
         return Err(fail("recovery.retry-max", "must be between 5s and 1h".into()));
     }

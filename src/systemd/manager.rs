@@ -21,6 +21,14 @@ pub trait Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    #[zbus(name = "GetUnitByPID")]
+    fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<OwnedObjectPath>;
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, zbus::zvariant::Value<'_>)],
+    ) -> zbus::Result<()>;
     fn subscribe(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
@@ -34,6 +42,8 @@ pub trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
 }
 
 #[proxy(interface = "org.freedesktop.systemd1.Service", default_service = "org.freedesktop.systemd1")]
@@ -225,6 +235,26 @@ impl Systemd {
     pub async fn restart(&self, unit: &str, timeout: Duration) -> Result<JobOutcome, SystemdError> {
         self.reset_if_failed(unit).await;
         self.job("RestartUnit", unit, timeout).await
+    }
+
+    /// The unit process `pid` runs in (its name, e.g. `caretaker.service`).
+    pub async fn unit_of(&self, pid: u32) -> Result<String, SystemdError> {
+        let call = |source| SystemdError::Call { method: "GetUnitByPID", unit: format!("of pid {pid}"), source };
+        let path = self.manager.get_unit_by_pid(pid).await.map_err(call)?;
+        let unit = UnitProxy::builder(&self.conn).path(path).map_err(call)?.build().await.map_err(call)?;
+        unit.id().await.map_err(call)
+    }
+
+    /// Sets `unit`'s `CPUWeight=` and `IOWeight=` until the next boot (runtime properties, as
+    /// `systemctl set-property --runtime` does); systemd writes them into the unit's cgroup.
+    pub async fn set_weights(&self, unit: &str, cpu: u64, io: u64) -> Result<(), SystemdError> {
+        use zbus::zvariant::Value;
+        let props = [("CPUWeight", Value::U64(cpu)), ("IOWeight", Value::U64(io))];
+        self.manager.set_unit_properties(unit, true, &props).await.map_err(|source| SystemdError::Call {
+            method: "SetUnitProperties",
+            unit: unit.into(),
+            source,
+        })
     }
 
     /// Clears a unit's failed state (and its start-limit counter).
