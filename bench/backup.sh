@@ -8,8 +8,9 @@
 #   restic     pg_dump -Fc | restic backup --stdin            (Debian's restic, repository on the same S3)
 # Printed: wall time, ratio to the limit, the consumer's peak RSS (caretaker: the daemon's VmHWM,
 # the daemon restarted before; others: /usr/bin/time of the consumer process).
-# Targets: caretaker ≤ 1.10 × the limit, ≥ 1.5× faster than restic, peak RSS ≤ 40 MiB and the same
-# (±10 %) at every size.
+# Targets: caretaker's wall ≤ 1.05 × the zstd -3 floor's and its CPU-seconds ≤ 1.10 × the floor's
+# (the floor is what any compressed pipeline costs: issue 18), ≥ 1.5× faster than restic, peak RSS
+# ≤ 40 MiB and the same (±10 %) at every size.
 # Usage: bench/backup.sh [GIB ...]   (as root, after dev/setup). 1 GiB takes a few minutes.
 sizes=("$@")
 [[ ${#sizes[@]} -gt 0 ]] || sizes=(1 4)
@@ -48,14 +49,14 @@ for gb in "${sizes[@]}"; do
     rs=$(elapsed "$t"); rs_cpu=$(cpu_since "$c"); rs_rss=$(( $(in_box cat /root/restic.rss) / 1024 ))
 
     results+=("$(printf '%s GiB (%d MiB on disk, %d MiB dump; caretaker %s\n' "$gb" $(( db_size / 1048576 )) $(( dump_bytes / 1048576 )) "${stored#(}")
-$(printf '  %-10s %8s %12s %10s %10s\n' way wall "× the limit" "CPU-s" "peak RSS")
-$(printf '  %-10s %7ss %12s %10s %10s\n' limit "$limit" 1.00 "$limit_cpu" -)
-$(printf '  %-10s %7ss %12s %10s %10s   (pg_dump | zstd -3 -T1 > /dev/null: any compressed pipeline)\n' "zstd -3" "$zf" "$(ratio "$zf" "$limit")" "$zf_cpu" -)
-$(printf '  %-10s %7ss %12s %10s %6s MiB\n' caretaker "$ct" "$(ratio "$ct" "$limit")" "$ct_cpu" "$ct_rss")
-$(printf '  %-10s %7ss %12s %10s %6s MiB\n' aws "$aw" "$(ratio "$aw" "$limit")" "$aw_cpu" "$aw_rss")
-$(printf '  %-10s %7ss %12s %10s %6s MiB   caretaker is %s× faster\n' restic "$rs" "$(ratio "$rs" "$limit")" "$rs_cpu" "$rs_rss" "$(ratio "$rs" "$ct")")
-$(printf '  CPU-s: busy time of the whole machine (%s cores) during the run; a run cannot take less than CPU-s / %s\n' "$cores" "$cores")")
+$(printf '  %-10s %8s %12s %10s %10s %10s %10s\n' way wall "× the limit" "× floor" "CPU-s" "CPU × floor" "peak RSS")
+$(printf '  %-10s %7ss %12s %10s %10s %10s %10s\n' limit "$limit" 1.00 - "$limit_cpu" - -)
+$(printf '  %-10s %7ss %12s %10s %10s %10s %10s   (pg_dump | zstd -3 -T1 > /dev/null: the floor of any compressed pipeline)\n' "zstd -3" "$zf" "$(ratio "$zf" "$limit")" 1.00 "$zf_cpu" 1.00 -)
+$(printf '  %-10s %7ss %12s %10s %10s %10s %6s MiB\n' caretaker "$ct" "$(ratio "$ct" "$limit")" "$(ratio "$ct" "$zf")" "$ct_cpu" "$(ratio "$ct_cpu" "$zf_cpu")" "$ct_rss")
+$(printf '  %-10s %7ss %12s %10s %10s %10s %6s MiB\n' aws "$aw" "$(ratio "$aw" "$limit")" "$(ratio "$aw" "$zf")" "$aw_cpu" "$(ratio "$aw_cpu" "$zf_cpu")" "$aw_rss")
+$(printf '  %-10s %7ss %12s %10s %10s %10s %6s MiB   caretaker is %s× faster\n' restic "$rs" "$(ratio "$rs" "$limit")" "$(ratio "$rs" "$zf")" "$rs_cpu" "$(ratio "$rs_cpu" "$zf_cpu")" "$rs_rss" "$(ratio "$rs" "$ct")")
+$(printf '  CPU-s: busy time of the whole machine (%s cores) during the run less that of the S3 server (it stands for AWS); a run cannot take less than CPU-s / %s\n' "$cores" "$cores")")
 done
 echo
 printf '%s\n' "${results[@]}"
-echo "targets: caretaker ≤ 1.10 × the limit, ≥ 1.5× faster than restic, peak RSS ≤ 40 MiB at every size"
+echo "targets: caretaker wall ≤ 1.05 × the zstd -3 floor, CPU-s ≤ 1.10 × the floor's, ≥ 1.5× faster than restic, peak RSS ≤ 40 MiB at every size"

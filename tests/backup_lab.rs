@@ -50,7 +50,7 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     assert!(journal.contains("pg_dump and its PostgreSQL backend run at nice 10"), "{journal}");
     assert!(!journal.contains("cannot lower the priority"), "{journal}");
     assert!(journal.contains("table(s) from the dump's stream"), "{journal}");
-    // The daemon's own share of the CPU: its unit's weights (systemd accepts and records them;
+    // The daemon's own share of the CPU: its unit's weights (systemd records them;
     // this lab's cgroup-v1 cpu hierarchy is read-only in a box, so only the real box's cgroup v2
     // enforces them) and its session's autogroup nice, which this kernel does enforce.
     let weights = b.sh_ok("systemctl show caretaker.service -p CPUWeight -p IOWeight");
@@ -58,6 +58,27 @@ fn a_backup_through_the_daemon_stores_both_kinds_with_manifests_that_describe_th
     assert!(journal.contains("caretaker.service runs at CPUWeight=10 IOWeight=10"), "{journal}");
     let autogroup = b.sh_ok("cat /proc/$(systemctl show caretaker.service -p MainPID --value)/autogroup");
     assert!(autogroup.trim().ends_with("nice 10"), "{autogroup}");
+    // The unit's defaults are the configuration's: nothing is written, systemctl asks for no reload.
+    assert_eq!(b.sh_ok("systemctl show caretaker.service -p NeedDaemonReload").trim(), "NeedDaemonReload=no");
+    // Other values take effect on reload, without a restart.
+    b.write_file(
+        "/etc/caretaker/caretaker.d/70-jobs.toml",
+        b"[jobs]\ncpu-weight = 30\nio-weight = 40\nnice = 5\n",
+        0o644,
+    )
+    .unwrap();
+    b.sh_ok("caretaker reload");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let w = b.sh_ok("systemctl show caretaker.service -p CPUWeight -p IOWeight");
+        let g = b.sh_ok("cat /proc/$(systemctl show caretaker.service -p MainPID --value)/autogroup");
+        if w.trim() == "CPUWeight=30\nIOWeight=40" && g.trim().ends_with("nice 5") {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "after reload: {w} {g}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    b.sh_ok("rm /etc/caretaker/caretaker.d/70-jobs.toml && caretaker reload");
 
     let list = b.sh_ok("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker backup list --json");
     let manifests: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();

@@ -4,7 +4,8 @@
 # the env file so restores can decrypt). `load_dataset GB` fills database zmanim with a Zmanim-like
 # schema that compresses like real data: ~163k cities with names and PostGIS points, publishers,
 # and zmanim rows with times and text, as many as GB asks. Sets: box, pid1, work, bucket,
-# recipient, identity_file, S3_PORT; defines in_box, netcurl, now, elapsed, ratio, load_dataset.
+# recipient, identity_file, S3_PORT; defines in_box, on_host, netcurl, now, elapsed, ratio,
+# load_dataset.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
@@ -45,12 +46,21 @@ cargo build --workspace --bins --locked --quiet
 # and WAL per GiB asked, plus the local dump restore.sh keeps).
 biggest=1
 for a in "$@"; do [[ $a =~ ^[0-9]+$ ]] && (( a > biggest )) && biggest=$a; done
-out=$(LAB_BOX_SIZE="$(( 4 + 2 * (biggest - 1) ))G" dev/lab up "$box" --owner $$)
+# PGBOX_CPUS=N: the box gets the production shape (N CPUs, PGBOX_MEMORY, default 4G) and what
+# stands outside the real box (the S3 server, load generators: on_host) runs on the other CPUs.
+shape=()
+on_host() { "$@"; }
+if [[ -n ${PGBOX_CPUS:-} ]]; then
+    (( PGBOX_CPUS < $(nproc) )) || { echo "PGBOX_CPUS=$PGBOX_CPUS leaves no CPU outside the box" >&2; exit 2; }
+    shape=(--cpus "$PGBOX_CPUS" --memory "${PGBOX_MEMORY:-4G}")
+    on_host() { taskset -c "$PGBOX_CPUS-$(( $(nproc) - 1 ))" "$@"; }
+fi
+out=$(LAB_BOX_SIZE="$(( 4 + 2 * (biggest - 1) ))G" dev/lab up "$box" --owner $$ "${shape[@]}")
 pid1=$(sed -n 's/^pid1=//p' <<<"$out")
 in_box() { dev/lab exec "$box" "$@"; }
 netcurl() { nsenter -t "$pid1" -n -- curl -fsS "$@"; }
 mkdir -p "$work/s3/$bucket"
-nsenter -t "$pid1" -n -- .tools/bin/s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key testing --secret-key testing "$work/s3" >"$work/s3s.log" 2>&1 &
+on_host nsenter -t "$pid1" -n -- .tools/bin/s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key testing --secret-key testing "$work/s3" >"$work/s3s.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 150); do nsenter -t "$pid1" -n -- bash -c "echo > /dev/tcp/127.0.0.1/$S3_PORT" 2>/dev/null && break; sleep 0.2; done
 
@@ -112,8 +122,14 @@ for _ in $(seq 50); do in_box caretaker status >/dev/null 2>&1 && break; sleep 0
 now() { date +%s.%N; }
 elapsed() { printf '%.2f' "$(echo "$(now) - $1" | bc -l)"; }
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
-# The machine's busy CPU time so far in seconds, all cores together (the box's processes, s3s-fs,
-# everything: the machine is otherwise idle while a benchmark runs), and the CPU used since.
-cpu() { awk '/^cpu / {printf "%.2f", ($2+$3+$4+$7+$8+$9)/100}' /proc/stat; }
+# The machine's busy CPU time so far in seconds, all cores together (the box's processes and
+# everything else: the machine is otherwise idle while a benchmark runs) less the S3 server's
+# (it stands for AWS, whose CPU is not the box's), and the CPU used since.
+s3s_pid=$(pgrep -f "^[^ ]*s3s-fs .*$work/s3" | head -1)
+cpu() {
+    local s3=0
+    [[ -n $s3s_pid && -r /proc/$s3s_pid/stat ]] && s3=$(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$s3s_pid/stat")
+    awk -v s3="$s3" '/^cpu / {printf "%.2f", ($2+$3+$4+$7+$8+$9 - s3)/100}' /proc/stat
+}
 cpu_since() { printf '%.1f' "$(echo "$(cpu) - $1" | bc -l)"; }
 cores=$(nproc)

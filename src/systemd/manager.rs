@@ -54,6 +54,10 @@ pub trait Service {
     fn n_restarts(&self) -> zbus::Result<u32>;
     #[zbus(property, name = "MainPID")]
     fn main_pid(&self) -> zbus::Result<u32>;
+    #[zbus(property, name = "CPUWeight")]
+    fn cpu_weight(&self) -> zbus::Result<u64>;
+    #[zbus(property, name = "IOWeight")]
+    fn io_weight(&self) -> zbus::Result<u64>;
 }
 
 /// A failed call, with the unit and method it was about.
@@ -245,10 +249,23 @@ impl Systemd {
         unit.id().await.map_err(call)
     }
 
+    /// Service `unit`'s `CPUWeight=` and `IOWeight=` (u64::MAX: not set).
+    pub async fn weights(&self, unit: &str) -> Result<(u64, u64), SystemdError> {
+        let call = |source| SystemdError::Call { method: "Get CPUWeight/IOWeight", unit: unit.into(), source };
+        let path = self.unit_path(unit).await?;
+        let svc = ServiceProxy::builder(&self.conn).path(path).map_err(call)?.build().await.map_err(call)?;
+        Ok((svc.cpu_weight().await.map_err(call)?, svc.io_weight().await.map_err(call)?))
+    }
+
     /// Sets `unit`'s `CPUWeight=` and `IOWeight=` until the next boot (runtime properties, as
-    /// `systemctl set-property --runtime` does); systemd writes them into the unit's cgroup.
+    /// `systemctl set-property --runtime` does); systemd writes them into the unit's cgroup. Values
+    /// already in force are not written again: each write is a drop-in under /run that makes
+    /// `systemctl` ask for a daemon-reload.
     pub async fn set_weights(&self, unit: &str, cpu: u64, io: u64) -> Result<(), SystemdError> {
         use zbus::zvariant::Value;
+        if self.weights(unit).await.ok() == Some((cpu, io)) {
+            return Ok(());
+        }
         let props = [("CPUWeight", Value::U64(cpu)), ("IOWeight", Value::U64(io))];
         self.manager.set_unit_properties(unit, true, &props).await.map_err(|source| SystemdError::Call {
             method: "SetUnitProperties",
