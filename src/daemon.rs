@@ -132,8 +132,6 @@ impl Daemon {
     }
 }
 
-/// Once start-up has settled (configuration, D-Bus, clients, the first probes), the code pages
-/// it alone touched go back to the kernel (see [`crate::pageout`]).
 /// `[jobs]`'s share of the CPU for everything the daemon runs: its unit's `CPUWeight=`/`IOWeight=`
 /// (cgroup v2 with systemd's cpu controller: the real box) and its session's autogroup nice
 /// (where the kernel shares the CPU between sessions instead). Neither is fatal: a daemon that
@@ -165,6 +163,8 @@ async fn apply_job_priority(systemd: Option<crate::systemd::manager::Systemd>, j
     }
 }
 
+/// Once start-up has settled (configuration, D-Bus, clients, the first probes), the code pages
+/// it alone touched go back to the kernel (see [`crate::pageout`]).
 async fn release_startup_pages(cancel: CancellationToken) {
     tokio::select! {
         _ = cancel.cancelled() => return,
