@@ -210,7 +210,7 @@ fn a_drill_restores_into_a_scratch_database_and_an_altered_byte_fails_it() {
     // The drill's pg_restore and the backend loading the data ran at [jobs] nice too.
     let journal = b.journal("caretaker.service");
     assert!(
-        journal.contains("pg_restore and its PostgreSQL backend ran at nice 10")
+        journal.contains("pg_restore and its PostgreSQL backend run at nice 10")
             || journal.contains("pg_restore ran at nice 10 (done before"),
         "{journal}"
     );

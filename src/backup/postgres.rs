@@ -189,6 +189,36 @@ pub async fn lower_backends(target: &PgTarget, app: &str, nice: i32) -> Result<V
     Ok(vec![])
 }
 
+/// Runs `work` (a producer's stream: pg_dump's upload, pg_restore's load) while the PostgreSQL
+/// backends serving `tool` (application name `app`) are lowered to `nice` once they appear; work
+/// that ends sooner does not wait for them. Says in the journal what ran at which priority.
+pub async fn while_lowered<F: std::future::Future>(
+    target: &PgTarget,
+    tool: &str,
+    app: &str,
+    nice: i32,
+    work: F,
+) -> F::Output {
+    let lowering = lower_backends(target, app, nice);
+    tokio::pin!(work, lowering);
+    let mut lowered = None;
+    let out = loop {
+        tokio::select! {
+            out = &mut work => break out,
+            l = &mut lowering, if lowered.is_none() => lowered = Some(l),
+        }
+    };
+    match lowered {
+        _ if nice <= 0 => {}
+        Some(Ok(pids)) if !pids.is_empty() => {
+            tracing::info!(nice, backends = ?pids, "{tool} and its PostgreSQL backend run at nice {nice}")
+        }
+        Some(Err(e)) => tracing::warn!("cannot find {tool}'s PostgreSQL backend to lower its priority: {e}"),
+        _ => tracing::info!(nice, "{tool} ran at nice {nice} (done before its PostgreSQL backend was seen)"),
+    }
+    out
+}
+
 impl Snapshot {
     /// Opens the transaction and exports its snapshot; a backup then counts rows in it (with
     /// [`row_counts`] in [`Snapshot::id`]) while pg_dump streams it.

@@ -224,17 +224,8 @@ pub async fn backup(
             // snapshot afterwards, which stays open until then.
             let scan = std::sync::Arc::new(std::sync::Mutex::new(super::dump_scan::DumpScan::default()));
             let scanned = super::stream::Watched { inner: stdout, scan: scan.clone() };
-            let (pending, lowered) = tokio::join!(
-                upload(s3, &bucket, &data_key, scanned, stream_cfg.clone(), on_part),
-                super::postgres::lower_backends(&target, &app, cfg.jobs.nice)
-            );
-            match lowered {
-                Ok(pids) if !pids.is_empty() => {
-                    info!(nice = cfg.jobs.nice, backends = ?pids, "pg_dump and its PostgreSQL backend run at nice {}", cfg.jobs.nice)
-                }
-                Ok(_) => {}
-                Err(e) => warn!("cannot find pg_dump's PostgreSQL backend to lower its priority: {e}"),
-            }
+            let uploading = upload(s3, &bucket, &data_key, scanned, stream_cfg.clone(), on_part);
+            let pending = super::postgres::while_lowered(&target, "pg_dump", &app, cfg.jobs.nice, uploading).await;
             let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;
             let stderr = err_task.await.unwrap_or_default();
             let pending = match pending {

@@ -12,7 +12,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
 
 use super::fetch::{self, Fetched};
 use super::run::{self, DATA, Kind, Manifest, VERIFY};
@@ -172,25 +171,7 @@ async fn load_into(
             crate::units::human_rate(plain, started.elapsed())
         ))
     });
-    // The backend is lowered once it appears; a load done sooner does not wait for that.
-    let lowering = super::postgres::lower_backends(&target, &app, cfg.jobs.nice);
-    tokio::pin!(fetching, lowering);
-    let mut lowered = None;
-    let fetched = loop {
-        tokio::select! {
-            f = &mut fetching => break f,
-            l = &mut lowering, if lowered.is_none() => lowered = Some(l),
-        }
-    };
-    let nice = cfg.jobs.nice;
-    match lowered {
-        _ if nice == 0 => {}
-        Some(Ok(pids)) if !pids.is_empty() => {
-            info!(nice, backends = ?pids, "pg_restore and its PostgreSQL backend ran at nice {nice}")
-        }
-        Some(Err(e)) => warn!("pg_restore ran at nice {nice}; its PostgreSQL backend could not be found to lower: {e}"),
-        _ => info!(nice, "pg_restore ran at nice {nice} (done before its PostgreSQL backend was seen)"),
-    }
+    let fetched = super::postgres::while_lowered(&target, "pg_restore", &app, cfg.jobs.nice, fetching).await;
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
