@@ -275,7 +275,7 @@ async fn serve_wal(
     let hook_alerts = alerts.clone();
     let server = Arc::new(
         server::WalServer::new(archive, &cfg.services.postgres.data_dir, allowed)
-            .with_lease_gate(gate)
+            .with_lease_gate(gate.clone())
             .with_failure_hook(move |e| {
                 warn!("WAL archiving: {e}");
                 if matches!(e, WalError::Conflict { .. }) {
@@ -291,10 +291,60 @@ async fn serve_wal(
         let (cfg, systemd, cancel) = (cfg.clone(), systemd.clone(), cancel.clone());
         tokio::spawn(async move { ensure_archiving(&cfg, systemd.as_ref(), Some(&command), &cancel).await });
     }
+    if cfg.backup.wal_tip {
+        let tip = Arc::new(crate::backup::wal::tip::Tip::default());
+        let settings = crate::backup::wal::tip::TipSettings { interval: cfg.backup.wal_tip_interval.get() };
+        let target = crate::pg::PgTarget::new(&cfg.services.postgres);
+        tokio::spawn(crate::backup::wal::tip::run(
+            server.shared_archive(),
+            target,
+            settings,
+            gate.clone(),
+            tip.clone(),
+            cancel.clone(),
+        ));
+        tokio::spawn(watch_tip(cfg.clone(), tip, alerts.clone(), status.clone(), cancel.clone()));
+    } else {
+        info!("the WAL tip is off (backup.wal-tip = false): a lost box loses up to archive-timeout of commits");
+    }
     let publish = move |w: monitor::WalStatus| status.lock().unwrap_or_else(|p| p.into_inner()).wal = Some(w);
     monitor::run((*cfg).clone(), server, alerts, publish, cancel).await;
     if let Ok(Err(e)) = serving.await {
         error!("the WAL socket stopped: {e}");
+    }
+}
+
+/// The tip's status into the daemon's, every second; one alert while the live RPO stays above
+/// `backup.wal-tip-lag-alert` (or the tip cannot stream that long while PostgreSQL runs).
+async fn watch_tip(
+    cfg: Arc<crate::config::Config>,
+    tip: Arc<crate::backup::wal::tip::Tip>,
+    alerts: crate::notify::Alerts,
+    status: Arc<Mutex<DaemonStatus>>,
+    cancel: CancellationToken,
+) {
+    use crate::backup::alerts;
+    let limit = cfg.backup.wal_tip_lag_alert.get();
+    let mut open = false;
+    loop {
+        let t = tip.status();
+        let failing = t.failing_for.filter(|f| *f > limit).and(t.last_error.clone());
+        let lagging = t.streaming && t.lag_seconds > limit.as_secs_f64();
+        if failing.is_some() || lagging {
+            let seconds = t.failing_for.map(|f| f.as_secs_f64()).unwrap_or(t.lag_seconds);
+            let archive_timeout = cfg.backup.archive_timeout.get().as_secs();
+            open = alerts
+                .open(alerts::WAL_TIP, alerts::wal_tip(seconds, t.lag_bytes, failing.as_deref(), archive_timeout))
+                || open;
+        } else if open && t.streaming && t.lag_seconds < limit.as_secs_f64() / 2.0 {
+            alerts.resolve(alerts::WAL_TIP, "commits reach S3 within seconds again");
+            open = false;
+        }
+        status.lock().unwrap_or_else(|p| p.into_inner()).wal_tip = Some(t);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
@@ -765,6 +815,7 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
         recent_jobs: vec![],
         schedule: None,
         wal: None,
+        wal_tip: None,
         metrics: None,
     }));
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(8);

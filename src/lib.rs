@@ -11,7 +11,7 @@
 //! - **capabilities**: [`boot`], [`backup`], [`release`], [`supervise`]. None imports the control
 //!   plane or another capability.
 //! - **adapters**: [`aws`], [`systemd`], [`pg`], [`http`], [`config`], [`health`],
-//!   [`maintenance`], [`notify`], [`calendar`], [`envfile`], [`fsutil`], [`mountinfo`], [`units`],
+//!   [`maintenance`], [`notify`], [`replication`], [`calendar`], [`envfile`], [`fsutil`], [`mountinfo`], [`units`],
 //!   [`logging`], [`exit`]. None imports a floor above.
 
 // ---- top
@@ -67,6 +67,8 @@ pub mod pageout;
 pub mod pg;
 /// CPU priority for caretaker's heavy work.
 pub mod priority;
+/// PostgreSQL's physical streaming replication protocol, client side (the WAL tip).
+pub mod replication;
 /// SCRAM-SHA-256 password verifiers (a password never reaches PostgreSQL).
 pub mod scram;
 /// systemd integration (sd_notify, the manager over D-Bus).

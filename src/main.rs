@@ -488,6 +488,27 @@ async fn status(bus: &Option<String>, args: StatusArgs) -> u8 {
                         }
                     }
                 }
+                if let Some(t) = &s.wal_tip {
+                    if t.streaming {
+                        let every = match (t.interval_p50_ms, t.interval_p99_ms) {
+                            (Some(a), Some(b)) => format!(", every {a} ms (p99 {b} ms)"),
+                            _ => String::new(),
+                        };
+                        println!(
+                            "  wal-tip:  RPO {:.1} s ({} flushed, not yet in S3); S3 holds WAL to {} (PostgreSQL at {}); \
+                             {} chunks{every}",
+                            t.lag_seconds,
+                            caretaker::units::human_bytes(t.lag_bytes),
+                            t.stored.as_deref().unwrap_or("-"),
+                            t.server_flush.as_deref().unwrap_or("-"),
+                            t.chunks
+                        );
+                    } else {
+                        let since =
+                            t.failing_since.as_ref().map(|s| format!(" (failing since {s})")).unwrap_or_default();
+                        println!("  wal-tip:  not streaming{since}: {}", t.last_error.as_deref().unwrap_or("starting"));
+                    }
+                }
                 if let Some(m) = &s.metrics {
                     let failing = match (&m.failing_since, &m.last_error) {
                         (Some(since), Some(e)) => format!("; FAILING since {since}: {e}"),

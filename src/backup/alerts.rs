@@ -91,6 +91,7 @@ pub const WAL_BACKLOG: &str = "wal:backlog";
 pub const WAL_CONFLICT: &str = "wal:conflict";
 pub const WAL_DISK: &str = "wal:disk";
 pub const WAL_GAP: &str = "wal:gap";
+pub const WAL_TIP: &str = "wal:tip";
 
 pub fn wal_backlog(ready: usize, lag: Option<u64>, last_failure: &str) -> Alert {
     let lag = lag.map(|s| format!(", the newest archived segment is {s} s old")).unwrap_or_default();
@@ -107,6 +108,31 @@ pub fn wal_backlog(ready: usize, lag: Option<u64>, last_failure: &str) -> Alert 
                     now loses them; point-in-time recovery ends at the newest archived segment."
             .into(),
         next: "caretaker status; caretaker doctor (S3 reachable? credentials?); journalctl -u caretaker -u postgresql -n 100"
+            .into(),
+    }
+}
+
+/// The live RPO is above `[backup] wal-tip-lag-alert`: commits older than that are on this box only.
+pub fn wal_tip(lag_seconds: f64, lag_bytes: u64, failing: Option<&str>, archive_timeout: u64) -> Alert {
+    let why = match failing {
+        Some(e) => format!("The WAL tip cannot stream from PostgreSQL: {e}"),
+        None => format!(
+            "The WAL tip streams, but S3 has not acknowledged {} of flushed WAL for {lag_seconds:.0} s",
+            crate::units::human_bytes(lag_bytes)
+        ),
+    };
+    Alert {
+        subject: format!("Commits are not reaching S3 within seconds (RPO {lag_seconds:.0} s)"),
+        what_failed: why,
+        what_done: "The daemon keeps retrying (the tip reconnects and stores what it holds). Whole segments still go \
+                    to S3 through archive_command, which PostgreSQL waits for."
+            .into(),
+        what_safe: format!(
+            "At risk: commits since the last chunk in S3 exist only on this box. Losing the box now loses them — up to \
+             archive-timeout ({archive_timeout} s) while the tip is down, more if archiving is behind too."
+        ),
+        next: "caretaker status (wal-tip line); journalctl -u caretaker -n 100 | grep 'WAL tip'; SELECT * FROM \
+               pg_stat_replication WHERE application_name = 'caretaker-wal-tip'; caretaker doctor"
             .into(),
     }
 }

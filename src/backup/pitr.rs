@@ -320,6 +320,8 @@ pub struct Built {
     pub stopped: String,
     pub timeline: u32,
     pub segments_fetched: u64,
+    /// Of those, segments past the archive's end assembled from the WAL tip's chunks.
+    pub tip_segments: u64,
     pub tables: usize,
     pub rows: i64,
     pub row_counts: BTreeMap<String, i64>,
@@ -513,6 +515,10 @@ async fn build_in(
     let (last_commit, timeline, counts) = verified?;
     stopped_cleanly.map_err(fail)?;
     let rows = counts.values().sum();
+    let tip_segments = server.stats().tip_segments;
+    if tip_segments > 0 {
+        progress(format!("pitr: {tip_segments} fetch(es) past the archive's end were served from the WAL tip"));
+    }
     progress(format!(
         "pitr: restored to {} (last commit {}), timeline {timeline}; {} tables, {rows} rows in {}",
         plan.target.describe(),
@@ -527,6 +533,7 @@ async fn build_in(
         stopped,
         timeline,
         segments_fetched: server.stats().fetched,
+        tip_segments: server.stats().tip_segments,
         tables: counts.len(),
         rows,
         row_counts: counts,

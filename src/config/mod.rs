@@ -277,6 +277,14 @@ pub struct BackupConfig {
     /// How often the WAL chain from the newest base backup is listed and checked for gaps (the
     /// PITR window in `caretaker status` comes from this check).
     pub wal_check_interval: Seconds,
+    /// The WAL tip: while archiving, the daemon streams the unfinished segment from PostgreSQL
+    /// (replication protocol, no slot) and stores its new bytes in S3 every `wal-tip-interval`,
+    /// so a lost box loses seconds of commits, not up to `archive-timeout`.
+    pub wal_tip: bool,
+    pub wal_tip_interval: Seconds,
+    /// Alert when commits older than this are not yet in S3 (the live RPO), or when the tip
+    /// cannot stream that long while PostgreSQL runs.
+    pub wal_tip_lag_alert: Seconds,
 }
 
 impl Default for BackupConfig {
@@ -306,6 +314,9 @@ impl Default for BackupConfig {
             wal_backlog_alert: 16,
             wal_lag_alert: Seconds::from_secs(300),
             wal_check_interval: Seconds::from_secs(3600),
+            wal_tip: true,
+            wal_tip_interval: Seconds::from_secs(1),
+            wal_tip_lag_alert: Seconds::from_secs(60),
         }
     }
 }

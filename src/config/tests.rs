@@ -104,6 +104,9 @@ fn bad_values_are_rejected() {
         ("[jobs]\nnice = 20\n", "jobs.nice"),
         ("[jobs]\ncpu-weight = 0\n", "jobs.cpu-weight"),
         ("[jobs]\nio-weight = 10001\n", "jobs.io-weight"),
+        ("[backup]\nwal-tip-interval = \"10ms\"\n", "backup.wal-tip-interval"),
+        ("[backup]\nwal-tip-interval = \"5m\"\n", "200ms–60s"),
+        ("[backup]\nwal-tip-lag-alert = 1\n", "backup.wal-tip-lag-alert"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "caretaker.toml", text);

@@ -189,6 +189,17 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if !(5..=3600).contains(&t) {
         return Err(fail("backup.archive-timeout", format!("{t} s is not 5–3600 seconds")));
     }
+    let tip = b.wal_tip_interval.get();
+    if tip < std::time::Duration::from_millis(200) || tip > std::time::Duration::from_secs(60) {
+        return Err(fail(
+            "backup.wal-tip-interval",
+            format!("{} is not 200ms–60s (the RPO is about this plus one S3 upload)", humantime::format_duration(tip)),
+        ));
+    }
+    let t = b.wal_tip_lag_alert.get().as_secs();
+    if !(5..=86_400).contains(&t) {
+        return Err(fail("backup.wal-tip-lag-alert", format!("{t} s is not 5 s–1 day")));
+    }
     if !b.wal_socket.is_absolute() || b.wal_socket.as_os_str().len() > 100 {
         return Err(fail("backup.wal-socket", "must be an absolute path of at most 100 bytes (a unix socket)".into()));
     }

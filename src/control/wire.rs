@@ -32,6 +32,9 @@ pub struct DaemonStatus {
     /// WAL archiving and the point-in-time recovery window (none when off).
     #[serde(default)]
     pub wal: Option<crate::backup::wal::monitor::WalStatus>,
+    /// The WAL tip: the live RPO (none when the tip is off).
+    #[serde(default)]
+    pub wal_tip: Option<crate::backup::wal::tip::TipStatus>,
     /// CloudWatch metrics publishing (none when off).
     #[serde(default)]
     pub metrics: Option<crate::metrics::MetricsStatus>,

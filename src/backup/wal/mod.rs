@@ -17,3 +17,5 @@ pub mod name;
 pub mod object;
 /// The socket PostgreSQL's commands talk to.
 pub mod server;
+/// The unfinished segment, streamed from PostgreSQL and stored in S3 every second or so.
+pub mod tip;

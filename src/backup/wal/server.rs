@@ -67,6 +67,8 @@ pub struct WalStats {
     pub already_archived: u64,
     pub failed: u64,
     pub fetched: u64,
+    /// Segments recovery got from the WAL tip (past the archive's end).
+    pub tip_segments: u64,
     /// The newest segment of the restore's plan handed out (progress: how far replay is).
     #[serde(skip)]
     pub newest_planned_fetched: Option<Segment>,
@@ -161,6 +163,11 @@ impl WalServer {
         &self.archive
     }
 
+    /// The archive, shared (the WAL tip stores into the same one).
+    pub fn shared_archive(&self) -> Arc<Archive> {
+        self.archive.clone()
+    }
+
     fn system_identifier(&self) -> Result<u64, WalError> {
         let path = self.data_dir.join("global/pg_control");
         let bytes =
@@ -240,7 +247,20 @@ impl WalServer {
         }
         // Not in the plan, or its prefetch failed: fetched here, with retries and their errors.
         let sysid = plan.as_ref().map(|p| p.system_identifier);
-        let r = fetch_retrying(&self.archive, name, sysid, retry_for).await?;
+        let mut r = fetch_retrying(&self.archive, name, sysid, retry_for).await?;
+        if let (None, WalFile::Segment(s)) = (&r, &file) {
+            // Past the archive's end: the tip's chunks of the unfinished segment, if any.
+            if let Some((bytes, held)) = tip_retrying(&self.archive, *s, sysid, retry_for).await? {
+                info!(
+                    segment = name,
+                    "recovery gets {name} from the WAL tip: {} of its {} (the rest zeros)",
+                    crate::units::human_bytes(held),
+                    crate::units::human_bytes(self.archive.segment_size)
+                );
+                self.stats.lock().expect("stats lock").tip_segments += 1;
+                r = Some(bytes);
+            }
+        }
         if let (None, Some(plan), WalFile::Segment(s)) = (&r, &plan, &file) {
             if plan.required.contains(s) {
                 return Err(WalError::Foreign {
@@ -320,6 +340,26 @@ impl WalServer {
                 });
             }
             next = next.next();
+        }
+    }
+}
+
+async fn tip_retrying(
+    archive: &Archive,
+    s: Segment,
+    sysid: Option<u64>,
+    retry_for: Duration,
+) -> Result<Option<(Vec<u8>, u64)>, WalError> {
+    let end = tokio::time::Instant::now() + retry_for;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match super::tip::fetch_segment(archive, s, sysid).await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < end => {
+                warn!("{e}; retrying in {} ms", wait.as_millis());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
         }
     }
 }
