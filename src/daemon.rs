@@ -583,10 +583,14 @@ async fn serve_metrics(
             volume: crate::backup::room::measure(&mount_point).ok().map(|r| (r.free, r.total)),
             wal: s.wal.as_ref().map(|w| {
                 let lag = w.lag_seconds.unwrap_or(0);
+                // The tip streaming: S3 holds everything but its lag, whatever archiving's backlog
+                // (chunks stay until their segment is archived).
+                let tip = s.wal_tip.as_ref().filter(|t| t.streaming);
                 WalNumbers {
                     lag_seconds: lag,
                     lag_bytes: w.ready as u64 * crate::backup::wal::name::DEFAULT_SEGMENT_SIZE,
-                    rpo_seconds: lag + archive_timeout,
+                    rpo_seconds: tip.map(|t| t.lag_seconds.ceil() as u64).unwrap_or(lag + archive_timeout),
+                    tip_lag_bytes: tip.map(|t| t.lag_bytes),
                 }
             }),
         }

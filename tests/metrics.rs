@@ -89,7 +89,7 @@ fn box_sample(backup_finished: SystemTime) -> Sample {
             })
             .collect(),
         volume: Some((30 << 30, 100 << 30)),
-        wal: Some(WalNumbers { lag_seconds: 0, lag_bytes: 0, rpo_seconds: 60 }),
+        wal: Some(WalNumbers { lag_seconds: 0, lag_bytes: 0, rpo_seconds: 60, tip_lag_bytes: None }),
     }
 }
 

@@ -2,7 +2,7 @@
 //! (ALTER SYSTEM, one restart), a base backup, `caretaker restore postgres --to-time` swapping the
 //! data directory under systemd with the API health-gated; and a box killed without warning
 //! whose successor, on a blank cluster, restores `--to-latest` from S3 alone — the rows lost are
-//! printed (the RPO) and bounded by archive_timeout plus one upload.
+//! printed (the RPO) and, with the WAL tip, a few seconds although archive_timeout is minutes.
 
 use std::time::{Duration, Instant};
 
@@ -134,7 +134,9 @@ fn a_restore_to_a_second_swaps_the_data_directory_and_archiving_goes_on_on_the_n
 
 #[test]
 fn a_box_killed_without_warning_is_restored_on_a_new_box_from_s3_alone() {
-    const ARCHIVE_TIMEOUT: u64 = 15;
+    // Far beyond the 40 s of writes: whole segments alone would lose all of them; the WAL tip
+    // (on by default) must bring the loss down to seconds.
+    const ARCHIVE_TIMEOUT: u64 = 300;
     let a = LabBox::start("pitr-lost", BoxOptions::default()).expect("lab box boots");
     let moto = Moto::start_in_netns(a.pid1()).expect("moto");
     moto.create_bucket("backups").unwrap();
@@ -181,6 +183,8 @@ fn a_box_killed_without_warning_is_restored_on_a_new_box_from_s3_alone() {
         })
     };
     std::thread::sleep(Duration::from_secs(40));
+    let status = run_ok(&a, "caretaker status");
+    assert!(status.contains("wal-tip:  RPO"), "the tip streams: {status}");
     // Everything in the box dies at once: no shutdown, nothing flushed, nothing archived after.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.pid1() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let killed_at = Instant::now();
@@ -208,15 +212,14 @@ fn a_box_killed_without_warning_is_restored_on_a_new_box_from_s3_alone() {
     let lost_rows = last_id - restored;
     let lost_secs = last_at - restored_at;
     println!(
-        "RPO (box and volume lost, archive_timeout {ARCHIVE_TIMEOUT} s): {lost_rows} of {last_id} rows lost, \
-         the last {lost_secs:.1} s of commits (rate {:.1}/s); restore took {:.0} s after the kill",
+        "RPO (box and volume lost, WAL tip on, archive_timeout {ARCHIVE_TIMEOUT} s): {lost_rows} of {last_id} rows \
+         lost, the last {lost_secs:.1} s of commits (rate {:.1}/s); restore took {:.0} s after the kill",
         last_id as f64 / 40.0,
         killed_at.elapsed().as_secs_f64()
     );
-    assert!(
-        lost_secs <= (ARCHIVE_TIMEOUT + 20) as f64,
-        "lost {lost_secs:.1} s of commits: more than archive_timeout + one upload"
-    );
+    // Loose (a loaded CI box): the tip's interval is 1 s.
+    assert!(lost_secs <= 10.0, "lost {lost_secs:.1} s of commits with the WAL tip on");
+    assert!(out.contains("served from the WAL tip"), "{out}");
     drop(a);
 }
 

@@ -38,9 +38,12 @@ pub struct WalNumbers {
     pub lag_seconds: u64,
     /// Bytes of finished segments not yet in S3.
     pub lag_bytes: u64,
-    /// An upper bound of the commits' age that a lost box would lose now: the wait above plus
+    /// An upper bound of the commits' age that a lost box would lose now: with the WAL tip
+    /// streaming, how long the oldest WAL not in S3 has waited; without it, the wait above plus
     /// `archive_timeout` (the unfinished segment).
     pub rpo_seconds: u64,
+    /// With the tip streaming: flushed WAL not yet in S3.
+    pub tip_lag_bytes: Option<u64>,
 }
 
 /// What the box looks like at one moment.
@@ -104,6 +107,9 @@ pub fn data(sample: &Sample, deployment: &str, instance_id: &str) -> Vec<Datum> 
         out.push(datum("ArchiveLagSeconds", dep(), w.lag_seconds as f64, Unit::Seconds));
         out.push(datum("ArchiveLagBytes", dep(), w.lag_bytes as f64, Unit::Bytes));
         out.push(datum("RpoSeconds", dep(), w.rpo_seconds as f64, Unit::Seconds));
+        if let Some(b) = w.tip_lag_bytes {
+            out.push(datum("WalTipLagBytes", dep(), b as f64, Unit::Bytes));
+        }
     }
     out
 }
@@ -295,7 +301,7 @@ mod tests {
                 BackupAges { kind: "base", newest: Some((t(900), 5)), newest_verified: None, oldest: Some(t(300)) },
             ],
             volume: Some((25, 200)),
-            wal: Some(WalNumbers { lag_seconds: 0, lag_bytes: 0, rpo_seconds: 60 }),
+            wal: Some(WalNumbers { lag_seconds: 0, lag_bytes: 0, rpo_seconds: 60, tip_lag_bytes: Some(4096) }),
         }
     }
 
@@ -331,6 +337,7 @@ mod tests {
         assert_eq!(value(&d, "DataVolumeFreeBytes", None), Some(25.0));
         assert_eq!(value(&d, "DataVolumeFreePercent", None), Some(12.5));
         assert_eq!(value(&d, "RpoSeconds", None), Some(60.0));
+        assert_eq!(value(&d, "WalTipLagBytes", None), Some(4096.0));
     }
 
     #[test]

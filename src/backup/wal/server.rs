@@ -250,7 +250,12 @@ impl WalServer {
         let mut r = fetch_retrying(&self.archive, name, sysid, retry_for).await?;
         if let (None, WalFile::Segment(s)) = (&r, &file) {
             // Past the archive's end: the tip's chunks of the unfinished segment, if any.
-            if let Some((bytes, held)) = tip_retrying(&self.archive, *s, sysid, retry_for).await? {
+            // Only for a restore's plan, which names the cluster whose chunks may be replayed.
+            let tip = match sysid {
+                Some(id) => tip_retrying(&self.archive, *s, id, retry_for).await?,
+                None => None,
+            };
+            if let Some((bytes, held)) = tip {
                 info!(
                     segment = name,
                     "recovery gets {name} from the WAL tip: {} of its {} (the rest zeros)",
@@ -347,7 +352,7 @@ impl WalServer {
 async fn tip_retrying(
     archive: &Archive,
     s: Segment,
-    sysid: Option<u64>,
+    sysid: u64,
     retry_for: Duration,
 ) -> Result<Option<(Vec<u8>, u64)>, WalError> {
     let end = tokio::time::Instant::now() + retry_for;

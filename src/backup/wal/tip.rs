@@ -3,8 +3,10 @@
 //! `archive_command` stores whole segments only: up to `archive-timeout` of commits live on the
 //! box alone. The tip closes that window. The daemon streams WAL from PostgreSQL (the replication
 //! protocol, [`crate::replication`]) and every `wal-tip-interval` stores the bytes received since
-//! the last chunk as one sealed object, `PREFIX/wal-tip/SEGMENT/START-END.zst.age` (offsets in the
-//! segment, hex; zstd → age, described and sealed like an archived file). A restore asks the
+//! the last chunk as one sealed object, `PREFIX/wal-tip/SYSID/SEGMENT/START-END.zst.age` (the
+//! cluster's system identifier: a second cluster writing into the prefix — a new box's blank one,
+//! a restored copy — never mixes its chunks with the first's; offsets in the segment, hex; zstd →
+//! age, described and sealed like an archived file). A restore asks the
 //! archive for a segment first; only a segment the archive does not hold is assembled from its
 //! chunks (contiguous from offset 0, padded with zeros to a segment's size: PostgreSQL replays
 //! the records it finds and ends recovery at the first empty one, as with pg_receivewal's
@@ -53,13 +55,13 @@ pub fn folder(prefix: &str) -> String {
     format!("{prefix}/wal-tip/")
 }
 
-fn segment_folder(prefix: &str, s: Segment, segment_size: u64) -> String {
-    format!("{}{}/", folder(prefix), s.file_name(segment_size))
+fn segment_folder(prefix: &str, sysid: u64, s: Segment, segment_size: u64) -> String {
+    format!("{}{sysid}/{}/", folder(prefix), s.file_name(segment_size))
 }
 
-/// Where the chunk `[start, end)` of `s` lives.
-pub fn chunk_key(prefix: &str, s: Segment, start: u64, end: u64, segment_size: u64) -> String {
-    format!("{}{start:08X}-{end:08X}.zst.age", segment_folder(prefix, s, segment_size))
+/// Where the chunk `[start, end)` of the cluster `sysid`'s segment `s` lives.
+pub fn chunk_key(prefix: &str, sysid: u64, s: Segment, start: u64, end: u64, segment_size: u64) -> String {
+    format!("{}{start:08X}-{end:08X}.zst.age", segment_folder(prefix, sysid, s, segment_size))
 }
 
 /// The name a chunk's seal is bound to.
@@ -67,9 +69,14 @@ fn chunk_name(s: Segment, start: u64, end: u64, segment_size: u64) -> String {
     format!("{}.tip.{start:08X}-{end:08X}", s.file_name(segment_size))
 }
 
-/// The segment and offsets a key under [`folder`] names (None for anything else).
-pub fn parse_chunk_key(prefix: &str, key: &str, segment_size: u64) -> Option<(Segment, u64, u64)> {
+/// The cluster, segment and offsets a key under [`folder`] names (None for anything else).
+pub fn parse_chunk_key(prefix: &str, key: &str, segment_size: u64) -> Option<(u64, Segment, u64, u64)> {
     let rest = key.strip_prefix(&folder(prefix))?;
+    let (sysid, rest) = rest.split_once('/')?;
+    if sysid.is_empty() || sysid.len() > 20 || !sysid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let sysid: u64 = sysid.parse().ok()?;
     let (seg, file) = rest.split_once('/')?;
     let WalFile::Segment(s) = WalFile::parse(seg, segment_size).ok()? else { return None };
     let (a, b) = file.strip_suffix(".zst.age")?.split_once('-')?;
@@ -79,7 +86,7 @@ pub fn parse_chunk_key(prefix: &str, key: &str, segment_size: u64) -> Option<(Se
             .flatten()
     };
     let (start, end) = (hex(a)?, hex(b)?);
-    (start < end && end <= segment_size).then_some((s, start, end))
+    (start < end && end <= segment_size).then_some((sysid, s, start, end))
 }
 
 /// Checks the WAL bytes `bytes` that start at `at` on `timeline`: every page that begins in
@@ -138,7 +145,7 @@ pub async fn put_chunk(
     let seg = archive.segment_size;
     let end = start + plain.len() as u64;
     let name = chunk_name(s, start, end, seg);
-    let key = chunk_key(&archive.prefix, s, start, end, seg);
+    let key = chunk_key(&archive.prefix, system_identifier, s, start, end, seg);
     let (enc, level, owned) = (archive.encryption.clone(), archive.zstd_level, name.clone());
     let (stored, d) = tokio::task::spawn_blocking(move || encode(&owned, &plain, &enc, level, system_identifier))
         .await
@@ -167,9 +174,9 @@ pub async fn put_chunk(
         .map_err(|_| WalError::Deadline { name: key.clone(), secs: archive.deadline.as_secs() })?
 }
 
-/// The chunks S3 holds for `s`: `(start, end, key)`, sorted.
-async fn chunks_of(archive: &Archive, s: Segment) -> Result<Vec<(u64, u64, String)>, WalError> {
-    let folder = segment_folder(&archive.prefix, s, archive.segment_size);
+/// The chunks S3 holds for the cluster `sysid`'s segment `s`: `(start, end, key)`, sorted.
+async fn chunks_of(archive: &Archive, sysid: u64, s: Segment) -> Result<Vec<(u64, u64, String)>, WalError> {
+    let folder = segment_folder(&archive.prefix, sysid, s, archive.segment_size);
     let keys = archive.s3.list_keys(&archive.bucket, &folder).await?;
     if keys.len() > MAX_CHUNKS {
         return Err(WalError::Foreign {
@@ -179,32 +186,27 @@ async fn chunks_of(archive: &Archive, s: Segment) -> Result<Vec<(u64, u64, Strin
     }
     let mut chunks: Vec<(u64, u64, String)> = keys
         .into_iter()
-        .filter_map(|k| parse_chunk_key(&archive.prefix, &k, archive.segment_size).map(|(_, a, b)| (a, b, k)))
+        .filter_map(|k| parse_chunk_key(&archive.prefix, &k, archive.segment_size).map(|(_, _, a, b)| (a, b, k)))
         .collect();
     chunks.sort();
     Ok(chunks)
 }
 
-/// The segment `s` as the tip holds it: its chunks from offset 0 as far as they are contiguous,
-/// padded with zeros to a segment (None when the tip has no chunk at offset 0). Every chunk used
-/// is checked (seal, hashes, pages, system identifier when given); a chunk that fails is an
-/// error, never skipped.
-pub async fn fetch_segment(
-    archive: &Archive,
-    s: Segment,
-    system_identifier: Option<u64>,
-) -> Result<Option<(Vec<u8>, u64)>, WalError> {
+/// The cluster `id`'s segment `s` as the tip holds it, and how many bytes of it the tip had: its
+/// chunks from offset 0 as far as they are contiguous, padded with zeros to a segment (None when
+/// the tip has no chunk at offset 0). Every chunk used is checked (seal, hashes, pages, system
+/// identifier); a chunk that fails is an error, never skipped.
+pub async fn fetch_segment(archive: &Archive, s: Segment, id: u64) -> Result<Option<(Vec<u8>, u64)>, WalError> {
     let seg = archive.segment_size;
     let name = s.file_name(seg);
     let decryption = archive
         .decryption
         .as_ref()
         .ok_or_else(|| WalError::Setup("this box has no identity or passphrase to decrypt the WAL tip with".into()))?;
-    let chunks = tokio::time::timeout(archive.deadline, chunks_of(archive, s))
+    let chunks = tokio::time::timeout(archive.deadline, chunks_of(archive, id, s))
         .await
         .map_err(|_| WalError::Deadline { name: name.clone(), secs: archive.deadline.as_secs() })??;
     let mut plain: Vec<u8> = Vec::new();
-    let mut sysid = system_identifier;
     loop {
         let pos = plain.len() as u64;
         // The chunk reaching furthest among those that cover `pos`.
@@ -232,7 +234,6 @@ pub async fn fetch_segment(
             }));
         };
         let d = Description::open(&cname, &metadata, &archive.keys).map_err(&foreign)?;
-        let id = *sysid.get_or_insert(d.system_identifier);
         if d.system_identifier != id {
             return Err(foreign(format!("it is of the cluster {}, not {id}", d.system_identifier)));
         }
@@ -251,26 +252,28 @@ pub async fn fetch_segment(
         return Ok(None);
     }
     let held = plain.len() as u64;
-    if let Some(id) = sysid {
-        header::check_start(&plain, seg, s, seg, id).map_err(|why| WalError::Foreign { name: name.clone(), why })?;
-    }
+    header::check_start(&plain, seg, s, seg, id).map_err(|why| WalError::Foreign { name: name.clone(), why })?;
     plain.resize(seg as usize, 0);
     Ok(Some((plain, held)))
 }
 
-/// Deletes the tip's chunks of `s`.
-async fn delete_chunks(archive: &Archive, s: Segment) -> Result<usize, WalError> {
-    let chunks = chunks_of(archive, s).await?;
+/// Deletes the tip's chunks of the cluster `sysid`'s segment `s`.
+async fn delete_chunks(archive: &Archive, sysid: u64, s: Segment) -> Result<usize, WalError> {
+    let chunks = chunks_of(archive, sysid, s).await?;
     for (_, _, key) in &chunks {
         archive.s3.delete_object(&archive.bucket, key).await?;
     }
     Ok(chunks.len())
 }
 
-/// The segments the tip holds chunks of (from the keys alone).
-pub async fn segments_held(archive: &Archive) -> Result<BTreeSet<Segment>, WalError> {
+/// The segments the tip holds chunks of, with their clusters (from the keys alone).
+pub async fn segments_held(archive: &Archive) -> Result<BTreeSet<(u64, Segment)>, WalError> {
     let keys = archive.s3.list_keys(&archive.bucket, &folder(&archive.prefix)).await?;
-    Ok(keys.iter().filter_map(|k| parse_chunk_key(&archive.prefix, k, archive.segment_size)).map(|c| c.0).collect())
+    Ok(keys
+        .iter()
+        .filter_map(|k| parse_chunk_key(&archive.prefix, k, archive.segment_size))
+        .map(|c| (c.0, c.1))
+        .collect())
 }
 
 /// What `caretaker status` and the metrics show of the tip.
@@ -312,7 +315,7 @@ pub struct TipSettings {
 #[derive(Default)]
 pub struct Tip {
     status: Mutex<TipStatus>,
-    held: Mutex<BTreeSet<Segment>>,
+    held: Mutex<BTreeSet<(u64, Segment)>>,
     intervals: Mutex<VecDeque<u64>>,
     failing: Mutex<Option<(Instant, String)>>,
 }
@@ -627,7 +630,7 @@ async fn store(
     put_chunk(archive, s, offset, pending.clone(), system_identifier).await?;
     pending.clear();
     *stored = pos;
-    tip.held.lock().unwrap_or_else(|p| p.into_inner()).insert(s);
+    tip.held.lock().unwrap_or_else(|p| p.into_inner()).insert((system_identifier, s));
     if let Some(t) = last_chunk.replace(Instant::now()) {
         tip.interval(t.elapsed().as_millis() as u64);
     }
@@ -640,28 +643,29 @@ async fn store(
     Ok(())
 }
 
-/// Deletes the chunks of segments before `current` that the archive holds whole.
+/// Deletes the chunks of segments before `current` that the archive holds whole, of the same
+/// cluster (a segment another cluster archived under the name does not replace them).
 async fn collect(archive: &Archive, tip: &Tip, current: Segment) {
-    let candidates: Vec<Segment> = tip
+    let candidates: Vec<(u64, Segment)> = tip
         .held
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .filter(|s| s.number < current.number || (s.number == current.number && s.timeline < current.timeline))
+        .filter(|(_, s)| s.number < current.number || (s.number == current.number && s.timeline < current.timeline))
         .copied()
         .collect();
-    for s in candidates {
+    for (sysid, s) in candidates {
         match archive.describe(&WalFile::Segment(s)).await {
-            Ok(Some(_)) => match delete_chunks(archive, s).await {
+            Ok(Some(d)) if d.system_identifier == sysid => match delete_chunks(archive, sysid, s).await {
                 Ok(n) => {
-                    tip.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&s);
+                    tip.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&(sysid, s));
                     tip.update(|st| st.deleted += n as u64);
                     debug!(segment = %s.file_name(archive.segment_size), chunks = n, "WAL tip: archived whole; chunks deleted");
                 }
                 Err(e) => debug!("WAL tip: deleting chunks: {e}"),
             },
-            // Not archived (yet, or never: the tail of an old timeline): kept.
-            Ok(None) => {}
+            // Not archived (yet, or never: the tail of an old timeline), or by another cluster: kept.
+            Ok(_) => {}
             Err(e) => debug!("WAL tip: {e}"),
         }
     }
@@ -676,17 +680,20 @@ mod tests {
     #[test]
     fn chunk_keys_round_trip_and_nothing_else_parses() {
         let s = Segment { timeline: 2, number: 5 };
-        let k = chunk_key("pre", s, 0x2000, 0x4A10, SEG);
-        assert_eq!(k, "pre/wal-tip/000000020000000000000005/00002000-00004A10.zst.age");
-        assert_eq!(parse_chunk_key("pre", &k, SEG), Some((s, 0x2000, 0x4A10)));
+        let k = chunk_key("pre", 7_411_000_000_000_000_123, s, 0x2000, 0x4A10, SEG);
+        assert_eq!(k, "pre/wal-tip/7411000000000000123/000000020000000000000005/00002000-00004A10.zst.age");
+        assert_eq!(parse_chunk_key("pre", &k, SEG), Some((7_411_000_000_000_000_123, s, 0x2000, 0x4A10)));
         for bad in [
-            "pre/wal-tip/000000020000000000000005/00004A10-00002000.zst.age", // end before start
-            "pre/wal-tip/000000020000000000000005/00000000-01000001.zst.age", // past the segment
-            "pre/wal-tip/000000020000000000000005/0000000-00000010.zst.age",
-            "pre/wal-tip/000000020000000000000005/00000000-0000001a.zst.age",
-            "pre/wal-tip/../000000020000000000000005/00000000-00000010.zst.age",
-            "pre/wal-tip/000000020000000000000005/x/00000000-00000010.zst.age",
-            "other/wal-tip/000000020000000000000005/00000000-00000010.zst.age",
+            "pre/wal-tip/7/000000020000000000000005/00004A10-00002000.zst.age", // end before start
+            "pre/wal-tip/7/000000020000000000000005/00000000-01000001.zst.age", // past the segment
+            "pre/wal-tip/7/000000020000000000000005/0000000-00000010.zst.age",
+            "pre/wal-tip/7/000000020000000000000005/00000000-0000001a.zst.age",
+            "pre/wal-tip/7/../000000020000000000000005/00000000-00000010.zst.age",
+            "pre/wal-tip/7/000000020000000000000005/x/00000000-00000010.zst.age",
+            "pre/wal-tip/000000020000000000000005/00000000-00000010.zst.age", // no cluster
+            "pre/wal-tip/-7/000000020000000000000005/00000000-00000010.zst.age",
+            "pre/wal-tip/99999999999999999999/000000020000000000000005/00000000-00000010.zst.age",
+            "other/wal-tip/7/000000020000000000000005/00000000-00000010.zst.age",
         ] {
             assert_eq!(parse_chunk_key("pre", bad, SEG), None, "{bad}");
         }
