@@ -199,6 +199,9 @@ async fn start_background(
             cancel.clone(),
         ));
     }
+    if cfg.backup.bucket.is_some() && cfg.backup.wal_archive {
+        tokio::spawn(record_restore_points(cfg.clone(), gate.clone(), cancel.clone()));
+    }
     if cfg.backup.bucket.is_some() {
         tokio::spawn(hold_lease(cfg.clone(), alerts.clone(), gate, cancel.clone()));
     }
@@ -311,6 +314,44 @@ async fn serve_wal(
     monitor::run((*cfg).clone(), server, alerts, publish, cancel).await;
     if let Ok(Err(e)) = serving.await {
         error!("the WAL socket stopped: {e}");
+    }
+}
+
+/// A restore point with its row counts every `backup.restore-point-interval` (the first one an
+/// interval after start), while this box holds the prefix; a failure (PostgreSQL down, a long
+/// transaction in the way of the table locks) is logged and tried again in five minutes.
+async fn record_restore_points(
+    cfg: Arc<crate::config::Config>,
+    gate: crate::backup::lease::Gate,
+    cancel: CancellationToken,
+) {
+    let every = cfg.backup.restore_point_interval.get();
+    let mut wait = every;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if let Some(why) = gate.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            debug!("no restore point: {why}");
+            wait = every;
+            continue;
+        }
+        let target = crate::pg::PgTarget::new(&cfg.services.postgres);
+        let made = match crate::backup::run::s3_for(&cfg).await {
+            Ok(s3) => crate::backup::restore_point::record(&cfg, &s3, &target, false).await,
+            Err(e) => Err(e.to_string()),
+        };
+        wait = match made {
+            Ok(rp) => {
+                info!(name = %rp.name, lsn = %rp.lsn, tables = rp.counts.len(), "restore point recorded with its row counts");
+                every
+            }
+            Err(e) => {
+                warn!("{e}; trying again in 5 minutes");
+                Duration::from_secs(300).min(every)
+            }
+        };
     }
 }
 

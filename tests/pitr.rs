@@ -182,6 +182,65 @@ async fn restore_to_a_second_and_to_the_end(version: u32) {
     assert_eq!(built.row_counts.get("public.rows"), Some(&60), "{built:?}");
     assert!(built.timeline >= 2, "a restore promotes onto a new timeline: {built:?}");
     assert_eq!(rows_in(version, &two), (60, 60));
+
+    // A drill's check: a restore point recorded while a writer commits, its row counts taken in
+    // the same snapshot; a replay pauses there and finds exactly those counts, then goes on to
+    // the end. The scratch cluster sends nothing into the archive.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writing = {
+        let (target, stop) = (target.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = target.connect("app", Duration::from_secs(10)).await.unwrap();
+            let mut i = 1000;
+            while !stop.is_cancelled() {
+                c.execute("INSERT INTO rows(id) VALUES ($1)", &[&i]).await.unwrap();
+                i += 1;
+            }
+            i - 1000
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rp = caretaker::backup::restore_point::record(&r.cfg, &r.direct, &target, false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let written = writing.await.unwrap();
+    assert!(written > 10, "the writer committed {written} rows around the restore point");
+    let at_point = *rp.counts.get("public.rows").unwrap();
+    assert!(at_point > 60 && at_point < 60 + i64::from(written), "{rp:?}");
+    archived_through_current(&r.pg);
+    let (points, bad) = caretaker::backup::restore_point::list(&r.cfg, &r.direct).await.unwrap();
+    assert_eq!((points.len(), bad.len()), (1, 0), "{points:?} {bad:?}");
+    assert_eq!(points[0], rp);
+    let before = r.direct.list_keys("backups", "caretaker/").await.unwrap();
+    let archive = r.archive().await;
+    let mut plan = pitr::plan(&r.cfg, &r.direct, &archive, Target::Latest).await.unwrap();
+    plan.restore_point = Some(rp.clone());
+    let three = room(&r.pg.dir, "three");
+    let built = pitr::build(&r.cfg, &r.direct, archive, &plan, &three.join("data"), &r.tools(), &|l| eprintln!("{l}"))
+        .await
+        .unwrap();
+    assert_eq!(built.restore_point.as_deref(), Some(rp.name.as_str()));
+    assert_eq!(
+        built.row_counts.get("public.rows"),
+        Some(&(60 + i64::from(written))),
+        "replayed to the end after the point"
+    );
+    let after = r.direct.list_keys("backups", "caretaker/").await.unwrap();
+    assert_eq!(before, after, "the replayed cluster archived nothing");
+
+    // A restore point whose counts were not what was committed there fails the check, named.
+    let mut forged = rp.clone();
+    forged.counts.insert("public.rows".into(), at_point - 1);
+    let archive = r.archive().await;
+    let mut plan = pitr::plan(&r.cfg, &r.direct, &archive, Target::Latest).await.unwrap();
+    plan.restore_point = Some(forged);
+    let four = room(&r.pg.dir, "four");
+    let e = pitr::build(&r.cfg, &r.direct, archive, &plan, &four.join("data"), &r.tools(), &|l| eprintln!("{l}"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("public.rows: {} recorded, {at_point} replayed", at_point - 1)), "{e}");
+    assert!(!four.join("data").exists());
     r.cancel.cancel();
 }
 
@@ -298,7 +357,25 @@ async fn retention_deletes_wal_only_below_the_kept_verified_base_backup() {
     let reports = run::prune(&r.cfg, &r.direct, true).await.unwrap();
     let base = reports.iter().find(|p| p.kind == Kind::Base).unwrap();
     assert!(base.wal_deleted.is_empty(), "nothing verified yet: {:?}", base.wal_deleted);
-    caretaker::backup::verify::verify(&r.cfg, &r.direct, &second, &|_| {}).await.unwrap();
+    // The drill of the newer one: a fresh restore point on the live cluster, the base backup
+    // replayed past it (counts compared there) to the archive's end in a scratch directory that
+    // is gone afterwards; the scratch cluster (timeline 2) archived nothing.
+    let report = caretaker::backup::verify::verify_with(&r.cfg, &r.direct, &second, &r.tools(), &|l| eprintln!("{l}"))
+        .await
+        .unwrap();
+    assert!(report.ok, "{report:?}");
+    assert!(report.checks.iter().any(|c| c.contains("held exactly the row counts recorded")), "{report:?}");
+    assert_eq!(report.tables.get("public.rows"), Some(&(3000, 3000)), "{report:?}");
+    let keys = r.direct.list_keys("backups", "caretaker/").await.unwrap();
+    assert!(!keys.iter().any(|k| k.contains("/wal/00000002")), "the drill's cluster archived: {keys:?}");
+    assert!(keys.iter().any(|k| k.contains("/restore-points/caretaker-")), "{keys:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(&r.pg.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("drill"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     let reports = run::prune(&r.cfg, &r.direct, false).await.unwrap();
     let base = reports.iter().find(|p| p.kind == Kind::Base).unwrap();
     let d: caretaker::backup::base::BaseDetails = serde_json::from_value(second.details.clone()).unwrap();

@@ -24,6 +24,8 @@ pub mod postgres;
 pub mod redis;
 /// Restores from backups: load into something new, verify, then swap.
 pub mod restore;
+/// Restore points with the exact row counts they hold (what a PITR drill compares).
+pub mod restore_point;
 /// Which backups to keep.
 pub mod retention;
 /// Room for a second copy: checked before, watched during a load.

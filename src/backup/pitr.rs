@@ -121,6 +121,9 @@ pub struct Plan {
     pub details: BaseDetails,
     pub chain: Chain,
     pub window: Window,
+    /// A drill's check on the way: replay pauses at this restore point, the copy's row counts
+    /// must equal the ones recorded with it, then replay goes on to the target.
+    pub restore_point: Option<crate::backup::restore_point::RestorePoint>,
 }
 
 fn details_of(m: &Manifest) -> Option<BaseDetails> {
@@ -170,6 +173,7 @@ impl Survey {
             .iter()
             .filter(|(_, _, chain)| chain.gap.is_none())
             .map(|(base, details, chain)| Plan {
+                restore_point: None,
                 target: Target::Latest,
                 base: base.clone(),
                 details: details.clone(),
@@ -284,7 +288,7 @@ pub async fn plan(cfg: &Config, s3: &S3, archive: &Archive, target: Target) -> R
             chosen.clone()
         }
     };
-    Ok(Plan { target, base, details, chain, window })
+    Ok(Plan { target, base, details, chain, window, restore_point: None })
 }
 
 /// How to run the server binaries and the restore command.
@@ -322,6 +326,10 @@ pub struct Built {
     pub segments_fetched: u64,
     /// Of those, segments past the archive's end assembled from the WAL tip's chunks.
     pub tip_segments: u64,
+    /// The restore point whose row counts the copy matched on the way (a drill's check).
+    pub restore_point: Option<String>,
+    /// The base backup as it came from S3 (sizes, hashes: checked against its manifest).
+    pub fetched: fetch::Fetched,
     pub tables: usize,
     pub rows: i64,
     pub row_counts: BTreeMap<String, i64>,
@@ -472,11 +480,14 @@ async fn build_in(
         Target::Time(t) => Some(crate::units::rfc3339_micros(t).replace('T', " ").replace('Z', "+00")),
         Target::Latest => None,
     };
+    if let Some(rp) = &plan.restore_point {
+        check_restore_point(cfg, tools, dir, run, &socket, user, &server, plan, rp, progress).await?;
+    }
     let mut log_path = run.join("postgres.log");
     let mut attempt = 0;
     let (log, mut child) = loop {
         attempt += 1;
-        let mut child = start_server(tools, dir, run, &socket, port, target_time.as_deref(), &log_path, user)?;
+        let mut child = start_server(tools, dir, run, &socket, port, target_time.as_deref(), &log_path, user, None)?;
         let outcome = wait_promoted(&mut child, run, port, &log_path, &server, plan, progress).await;
         match outcome {
             Ok(()) => break (std::fs::read_to_string(&log_path).unwrap_or_default(), child),
@@ -514,6 +525,18 @@ async fn build_in(
     let stopped_cleanly = stop_child(&mut child).await;
     let (last_commit, timeline, counts) = verified?;
     stopped_cleanly.map_err(fail)?;
+    // To the latest: recovery must have asked for the chain's last segment (a recovery that ended
+    // inside the chain would have promoted early and dropped every commit after).
+    if plan.target == Target::Latest
+        && !plan.chain.segments.is_empty()
+        && server.stats().newest_planned_fetched.is_none_or(|s| s < plan.chain.last)
+    {
+        return Err(fail(format!(
+            "recovery ended before the archive's end: it never asked for {} (the chain's last segment); \
+             PostgreSQL says: {stopped}",
+            plan.chain.last.file_name(server.archive().segment_size)
+        )));
+    }
     let rows = counts.values().sum();
     let tip_segments = server.stats().tip_segments;
     if tip_segments > 0 {
@@ -534,6 +557,8 @@ async fn build_in(
         timeline,
         segments_fetched: server.stats().fetched,
         tip_segments: server.stats().tip_segments,
+        restore_point: plan.restore_point.as_ref().map(|r| r.name.clone()),
+        fetched,
         tables: counts.len(),
         rows,
         row_counts: counts,
@@ -587,6 +612,7 @@ fn start_server(
     target_time: Option<&str>,
     log: &Path,
     user: &nix::unistd::User,
+    pause_at: Option<(&str, &[String])>,
 ) -> Result<tokio::process::Child, PitrError> {
     let logfile =
         std::fs::File::create(log).map_err(|e| PitrError::Build(format!("cannot create {}: {e}", log.display())))?;
@@ -617,6 +643,15 @@ fn start_server(
         settings.push(format!("recovery_target_time={t}"));
         settings.push("recovery_target_inclusive=true".into());
     }
+    if let Some((name, standby)) = pause_at {
+        // Read-only queries while replay waits at the restore point, with the primary's limits
+        // (a hot standby refuses to run with lower ones than pg_control records).
+        settings.retain(|s| !s.starts_with("hot_standby=") && !s.starts_with("recovery_target_action="));
+        settings.push(format!("recovery_target_name={name}"));
+        settings.push("recovery_target_action=pause".into());
+        settings.push("hot_standby=on".into());
+        settings.extend(standby.iter().cloned());
+    }
     let mut cmd = tokio::process::Command::new(tools.server_bin.join("postgres"));
     cmd.arg("-D").arg(dir);
     for s in &settings {
@@ -633,6 +668,112 @@ fn start_server(
         .kill_on_drop(true);
     cmd.spawn()
         .map_err(|e| PitrError::Build(format!("cannot run {}: {e}", tools.server_bin.join("postgres").display())))
+}
+
+/// The hot-standby limits the primary ran with, from the copy's pg_control (`pg_controldata`):
+/// `-c` settings at least as high.
+async fn standby_limits(tools: &Tools, dir: &Path, user: &nix::unistd::User) -> Vec<String> {
+    let out = tokio::process::Command::new(tools.server_bin.join("pg_controldata"))
+        .arg("-D")
+        .arg(dir)
+        .env("LC_ALL", "C")
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .current_dir("/")
+        .output()
+        .await;
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let mut limits = Vec::new();
+    for (label, setting) in [
+        ("max_connections setting:", "max_connections"),
+        ("max_worker_processes setting:", "max_worker_processes"),
+        ("max_wal_senders setting:", "max_wal_senders"),
+        ("max_prepared_xacts setting:", "max_prepared_transactions"),
+        ("max_locks_per_xact setting:", "max_locks_per_transaction"),
+    ] {
+        let value = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|v| *v < 100_000);
+        if let Some(v) = value {
+            limits.push(format!("{setting}={v}"));
+        }
+    }
+    limits
+}
+
+/// Replays to the plan's restore point and pauses there (a hot standby), counts the copy's rows
+/// and compares them with the ones recorded with the point, then stops the server (replay goes on
+/// from there to the target). A point never reached, or a count that differs, fails the build.
+#[allow(clippy::too_many_arguments)]
+async fn check_restore_point(
+    cfg: &Config,
+    tools: &Tools,
+    dir: &Path,
+    run: &Path,
+    socket: &Path,
+    user: &nix::unistd::User,
+    server: &Arc<WalServer>,
+    plan: &Plan,
+    rp: &crate::backup::restore_point::RestorePoint,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), PitrError> {
+    let fail = PitrError::Build;
+    progress(format!("pitr: replaying to restore point {} ({}, recorded {})", rp.name, rp.lsn, rp.created_at));
+    let limits = standby_limits(tools, dir, user).await;
+    let port = free_port().map_err(fail)?;
+    let log = run.join("postgres-restore-point.log");
+    let mut child = start_server(tools, dir, run, socket, port, None, &log, user, Some((&rp.name, &limits)))?;
+    let local =
+        PgTarget { socket_dir: run.to_path_buf(), port, user: cfg.services.postgres.user.clone(), bin_dir: None };
+    let mut last_report = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(fail(format!(
+                "recovery did not reach restore point {} ({status}): {}",
+                rp.name,
+                last_lines(&text, 6)
+            )));
+        }
+        if let Ok(c) = local.connect("postgres", Duration::from_secs(2)).await
+            && let Ok(row) = c.query_one("SELECT pg_get_wal_replay_pause_state()", &[]).await
+            && row.get::<_, String>(0) == "paused"
+        {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            let through = server.stats().newest_planned_fetched;
+            let done = through.map_or(0, |s| plan.chain.segments.range(..=s).count());
+            progress(format!(
+                "pitr: replaying to the restore point: segment {done} of the chain's {} fetched",
+                plan.chain.segments.len()
+            ));
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let counted = super::postgres::row_counts(&local, &rp.database, None, 1).await;
+    let stopped = stop_child(&mut child).await;
+    let counts = counted.map_err(|e| fail(format!("counting rows at restore point {}: {e}", rp.name)))?;
+    stopped.map_err(fail)?;
+    let diff = crate::backup::restore_point::differences(rp, &counts);
+    if !diff.is_empty() {
+        let list: Vec<String> = diff.iter().map(|(t, e, a)| format!("{t}: {e} recorded, {a} replayed")).collect();
+        return Err(fail(format!(
+            "at restore point {} the replayed cluster does not hold what was committed: {}",
+            rp.name,
+            list.join("; ")
+        )));
+    }
+    progress(format!(
+        "pitr: at restore point {}: {} tables, {} rows, every count equal to the recorded ones",
+        rp.name,
+        rp.counts.len(),
+        rp.counts.values().sum::<i64>()
+    ));
+    Ok(())
 }
 
 /// Waits until the server has promoted (Ok), or has exited (Err with its log).

@@ -50,6 +50,24 @@ pub async fn row_counts(
     snapshot: Option<&str>,
     workers: usize,
 ) -> Result<BTreeMap<String, i64>, PgError> {
+    let clients = counting_clients(target, database, snapshot, workers).await?;
+    let tables = tables_to_count(&clients[0]).await?;
+    count_rows(&clients, tables).await
+}
+
+/// The tables [`row_counts`] counts, as `(schema, table)`, largest first.
+pub async fn tables_to_count(client: &Client) -> Result<Vec<(String, String)>, PgError> {
+    Ok(client.query(TABLES, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// `workers` connections to `database`, each in a REPEATABLE READ, READ ONLY transaction (in
+/// `snapshot` when given: once this returns, the exporter may end its transaction).
+pub async fn counting_clients(
+    target: &PgTarget,
+    database: &str,
+    snapshot: Option<&str>,
+    workers: usize,
+) -> Result<Vec<Client>, PgError> {
     let mut clients = Vec::new();
     for _ in 0..workers.max(1) {
         let client = target.connect(database, Duration::from_secs(30)).await?;
@@ -60,8 +78,11 @@ pub async fn row_counts(
         client.batch_execute(&begin).await?;
         clients.push(client);
     }
-    let tables: Vec<(String, String)> =
-        clients[0].query(TABLES, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(clients)
+}
+
+/// `count(*)` of each of `tables`, spread over `clients` (which then commit).
+pub async fn count_rows(clients: &[Client], tables: Vec<(String, String)>) -> Result<BTreeMap<String, i64>, PgError> {
     let queue = std::sync::Mutex::new(tables.into_iter());
     let counted = futures_util::future::try_join_all(clients.iter().map(|client| {
         let queue = &queue;

@@ -285,6 +285,10 @@ pub struct BackupConfig {
     /// Alert when commits older than this are not yet in S3 (the live RPO), or when the tip
     /// cannot stream that long while PostgreSQL runs.
     pub wal_tip_lag_alert: Seconds,
+    /// While archiving, a restore point with the exact row counts it holds is recorded this often
+    /// (`PREFIX/restore-points/`); a base backup's drill also records one and checks the replayed
+    /// cluster against the newest inside its WAL.
+    pub restore_point_interval: Seconds,
 }
 
 impl Default for BackupConfig {
@@ -317,6 +321,7 @@ impl Default for BackupConfig {
             wal_tip: true,
             wal_tip_interval: Seconds::from_secs(1),
             wal_tip_lag_alert: Seconds::from_secs(60),
+            restore_point_interval: Seconds::from_secs(3600),
         }
     }
 }

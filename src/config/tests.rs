@@ -107,6 +107,7 @@ fn bad_values_are_rejected() {
         ("[backup]\nwal-tip-interval = \"10ms\"\n", "backup.wal-tip-interval"),
         ("[backup]\nwal-tip-interval = \"5m\"\n", "200ms–60s"),
         ("[backup]\nwal-tip-lag-alert = 1\n", "backup.wal-tip-lag-alert"),
+        ("[backup]\nrestore-point-interval = \"1m\"\n", "backup.restore-point-interval"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "caretaker.toml", text);

@@ -200,6 +200,10 @@ pub(super) fn validate(config: &Config, origins: &BTreeMap<String, PathBuf>) -> 
     if !(5..=86_400).contains(&t) {
         return Err(fail("backup.wal-tip-lag-alert", format!("{t} s is not 5 s–1 day")));
     }
+    let t = b.restore_point_interval.get().as_secs();
+    if !(300..=7 * 86_400).contains(&t) {
+        return Err(fail("backup.restore-point-interval", format!("{t} s is not 5 minutes–7 days")));
+    }
     if !b.wal_socket.is_absolute() || b.wal_socket.as_os_str().len() > 100 {
         return Err(fail("backup.wal-socket", "must be an absolute path of at most 100 bytes (a unix socket)".into()));
     }
