@@ -9,7 +9,8 @@
 #      a_box_killed_without_warning_…); a new box with a blank cluster restores `caretaker restore
 #      postgres --to-latest` from the same S3. Rows lost = acknowledged rows missing after the
 #      restore; seconds lost = the acknowledgement time of the newest acknowledged row less that
-#      of the newest restored one.
+#      of the newest restored one. (Box B's own archiving and tip wait for box A's lease on the
+#      prefix to expire, recovery.lease-ttl = 5 min; its restore does not.)
 #   2. Cost at a steady WAL rate (WAL_KIB_PER_S, default 1 MiB/s; pgbench -R inserting rows of
 #      hex text, which zstd halves, rate calibrated first; the rate reached is measured with
 #      pg_current_wal_lsn deltas) for LOAD_SECS, one box, tip on then off (the daemon restarted
@@ -168,15 +169,18 @@ down() {
 bx() { local name=$1; shift; dev/lab exec "$name" "$@"; }
 bsql() { bx "$1" runuser -u postgres -- env PGOPTIONS='-c client_min_messages=warning' psql -X -Atq -v ON_ERROR_STOP=1 -d "${3:-postgres}" -c "$2"; }
 status_json() { bx "$1" caretaker status --json; }
-# configure NAME TIP(true|false): caretaker backs up to the shared S3, archiving on, the tip as asked.
+# configure NAME TIP(true|false) PREFIX: caretaker backs up to the shared S3 under PREFIX, archiving
+# on, the tip as asked. Each scenario has a prefix of its own: a killed box's lease on its prefix
+# (recovery.lease-ttl, 5 min) would otherwise stop the next scenario's archiving until it expires.
 configure() {
-    local name=$1 tip=$2
+    local name=$1 tip=$2 prefix=$3
     bx "$name" sh -c 'mkdir -p /etc/caretaker/caretaker.d && cat > /etc/caretaker/caretaker.d/50-bench.toml' <<CONFIG
 [aws]
 region = "us-east-1"
 s3-endpoint = "http://127.0.0.1:5000"
 [backup]
 bucket = "$bucket"
+prefix = "$prefix"
 database = "bench"
 recipients = ["$recipient"]
 wal-archive = true
@@ -211,7 +215,7 @@ lost() {
     local tag=$1 tip=$2 a="ct-bench-tip-$$-$1-a" b="ct-bench-tip-$$-$1-b" apid wpid t0 tkill t out rc
     boot "$a"
     apid=$pid1
-    configure "$a" "$tip"
+    configure "$a" "$tip" "lost-$tag"
     bsql "$a" "create database bench"
     bsql "$a" "create role root superuser login"
     bsql "$a" "create table rows(id bigserial primary key, at timestamptz not null default clock_timestamp())" bench
@@ -237,7 +241,7 @@ lost() {
     R[$tag.rate]=$(awk 'NR == 1 {a = $2} {b = $2} END {if (NR > 1) printf "%.1f", (NR - 1) / (b - a); else print "-"}' "$work/acks-$tag")
 
     boot "$b"
-    configure "$b" "$tip"
+    configure "$b" "$tip" "lost-$tag"
     # Not waiting for the new box's own tip: it may wait for the dead box's lease to expire.
     start_caretaker "$b" false
     log "tip $tag: box $b (blank cluster) restores --to-latest from S3..."
@@ -355,7 +359,7 @@ if [[ $parts == *2* ]]; then
     cbox="ct-bench-tip-$$-cost"
     boot "$cbox"
     cpid=$pid1
-    configure "$cbox" true
+    configure "$cbox" true cost
     bsql "$cbox" "create database bench"
     bsql "$cbox" "create role root superuser login"
     bsql "$cbox" "create table pad(b text not null)" bench

@@ -376,8 +376,17 @@ async fn retention_deletes_wal_only_below_the_kept_verified_base_backup() {
         .map(|e| e.file_name())
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Tip chunks left by a lost box (a tail never archived whole): below the cutoff they go too.
+    let old_tip = "caretaker/wal-tip/123/000000010000000000000001/00000000-00002000.zst.age";
+    let new_tip = "caretaker/wal-tip/123/0000000100000000000000FF/00000000-00002000.zst.age";
+    for k in [old_tip, new_tip] {
+        r.direct.put_object("backups", k, b"chunk".to_vec()).await.unwrap();
+    }
     let reports = run::prune(&r.cfg, &r.direct, false).await.unwrap();
+    let keys = r.direct.list_keys("backups", "caretaker/wal-tip/").await.unwrap();
+    assert_eq!(keys, vec![new_tip.to_string()], "the chunk below the kept backups goes, the other stays");
     let base = reports.iter().find(|p| p.kind == Kind::Base).unwrap();
+    assert!(base.wal_deleted.contains(&"000000010000000000000001.tip".to_string()), "{:?}", base.wal_deleted);
     let d: caretaker::backup::base::BaseDetails = serde_json::from_value(second.details.clone()).unwrap();
     let start = caretaker::backup::wal::name::Segment::of(1, d.start_lsn, 16 << 20);
     assert!(!base.wal_deleted.is_empty());

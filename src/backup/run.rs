@@ -622,6 +622,21 @@ async fn prune_wal(
             deleted.push(file.file_name(segment_size));
         }
     }
+    // The WAL tip's chunks by the same rule (those of archived segments went already; what is
+    // left is the tail of a timeline or cluster that never archived it whole).
+    let mut tips = std::collections::BTreeSet::new();
+    for key in s3.list_keys(&bucket, &super::wal::tip::folder(&cfg.backup.prefix)).await? {
+        let Some((_, s, _, _)) = super::wal::tip::parse_chunk_key(&cfg.backup.prefix, &key, segment_size) else {
+            continue;
+        };
+        if s.number < cutoff {
+            if !dry_run {
+                s3.delete_object(&bucket, &key).await?;
+            }
+            tips.insert(format!("{}.tip", s.file_name(segment_size)));
+        }
+    }
+    deleted.extend(tips);
     Ok(deleted)
 }
 
