@@ -293,7 +293,8 @@ cost() {
     bsql "$c" "checkpoint"
     dpid=$(daemon_host_pid "$c" "$cpid")
     log "cost, tip $tag: pgbench -R $tx_rate (~$wal_kib KiB/s of WAL) for 10 s + $load_secs s..."
-    host_pgbench "$cpid" -n -c 2 -j 1 -R "$tx_rate" -T $(( load_secs + 40 )) -f "$work/pad.sql" bench >"$work/load-$tag.out" 2>&1 &
+    # exec: $! is pgbench itself, so the kill below stops it (not only a subshell around it).
+    (exec pgbench -h "/proc/$cpid/root/run/postgresql" -U root -n -c 2 -j 1 -R "$tx_rate" -T $(( load_secs + 40 )) -f "$work/pad.sql" bench) >"$work/load-$tag.out" 2>&1 &
     lpid=$!
     pids+=("$lpid")
     sleep 10
@@ -399,9 +400,10 @@ if [[ $parts == *1* ]]; then
     row "ROWS LOST" "${R[on.lost]}" "${R[off.lost]}" "$(ratio "${R[off.lost]}" "${R[on.lost]}")"
     row "SECONDS OF COMMITS LOST" "${R[on.lost_s]}" "${R[off.lost_s]}" "$(ratio "${R[off.lost_s]}" "${R[on.lost_s]}")"
     row "restored rows never acknowledged (in flight)" "${R[on.unacked_restored]}" "${R[off.unacked_restored]}" ""
-    row "newest archived segment at the kill (age s)" "${R[on.archived_age]}" "${R[off.archived_age]}" ""
+    row "newest archived segment's age at the kill (s)" "${R[on.archived_age]#* }" "${R[off.archived_age]#* }" ""
     row "restore --to-latest on the new box (s)" "${R[on.restore_s]}" "${R[off.restore_s]}" ""
     row "kill → restored (s, incl. booting the new box)" "${R[on.kill_to_restored_s]}" "${R[off.kill_to_restored_s]}" ""
+    echo "     newest archived segment at the kill: tip on ${R[on.archived_age]%% *}, tip off ${R[off.archived_age]%% *}"
     echo "     tip at the kill: ${R[on.status_at_kill]}"
     echo "     restore (tip on): ${R[on.from_tip]:-no fetch served from the WAL tip}"
     echo
@@ -414,10 +416,11 @@ if [[ $parts == *2* ]]; then
     row "tip upload interval p50 / p99 (ms)" "${R[on.p50]} / ${R[on.p99]}" "-" ""
     row "tip lag max, sampled every 10 s (s / KiB)" "$(fmt "${R[on.lag_max]}" 2) / $(( ${R[on.lag_bytes_max]} / 1024 ))" "-" ""
     row "tip chunks per hour / MiB of WAL in them per hour" "${R[on.chunks_h]} / ${R[on.tip_mib_h]}" "-" ""
-    row "tip chunks deleted per hour (segments archived)" "${R[on.deleted_h]}" "-" ""
+    row "tip chunks deleted per hour (segment archived)" "${R[on.deleted_h]}" "-" ""
     row "segments archived per hour" "${R[on.archived_h]}" "${R[off.archived_h]}" ""
     row "DAEMON CPU-s per hour (utime+stime)" "${R[on.cpu_h]}" "${R[off.cpu_h]}" "$(fmt "${R[on.cpu_h]} - ${R[off.cpu_h]}" 1)"
     row "  = % of one core" "${R[on.cpu_pct]}" "${R[off.cpu_pct]}" "$(fmt "${R[on.cpu_pct]} - ${R[off.cpu_pct]}" 2)"
+    row "  per GiB of WAL (the two loads' rates differ)" "$(fmt "${R[on.cpu_h]} / (${R[on.wal_kib_s]} * 3600 / 1048576)" 1)" "$(fmt "${R[off.cpu_h]} / (${R[off.wal_kib_s]} * 3600 / 1048576)" 1)" ""
     row "  its waited-for children, CPU-s per hour" "${R[on.kids_h]}" "${R[off.kids_h]}" ""
     row "S3 PUT per hour" "${R[on.s3put]}" "${R[off.s3put]}" "$(( ${R[on.s3put]} - ${R[off.s3put]} ))"
     row "S3 GET per hour" "${R[on.s3get]}" "${R[off.s3get]}" "$(( ${R[on.s3get]} - ${R[off.s3get]} ))"

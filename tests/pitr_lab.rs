@@ -130,6 +130,21 @@ fn a_restore_to_a_second_swaps_the_data_directory_and_archiving_goes_on_on_the_n
     );
     let status = run_ok(&b, "caretaker status");
     assert!(status.contains("wal:") && status.contains("pitr:"), "{status}");
+    // The WAL tip follows the swap onto the new timeline; doctor sees it streaming.
+    wait_until(
+        "the WAL tip streaming timeline 2",
+        Duration::from_secs(90),
+        Duration::from_millis(1000),
+        || {
+            let s: serde_json::Value = serde_json::from_str(&run_ok(&b, "caretaker status --json")).unwrap_or_default();
+            s["daemon"]["wal_tip"]["streaming"] == true && s["daemon"]["wal_tip"]["timeline"] == 2
+        },
+        || b.journal("caretaker.service"),
+    );
+    let doctor = b.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing caretaker doctor");
+    let doctor = String::from_utf8_lossy(&doctor.stdout).to_string();
+    let tip = doctor.lines().find(|l| l.contains("wal-tip")).unwrap_or_default();
+    assert!(tip.starts_with('✓') && tip.contains("streaming"), "{doctor}");
 }
 
 #[test]

@@ -236,8 +236,77 @@ pub async fn run(sources: &Sources, opts: &Options) -> Report {
 
     let bus = opts.bus_address.clone().or_else(|| cfg.daemon.bus_address.clone());
     checks.extend(units::check_units(cfg, bus.as_deref()).await);
+    checks.push(check_wal_tip(cfg).await);
 
     Report::new(checks, true)
+}
+
+/// The WAL tip: PostgreSQL lets caretaker stream (pg_hba `replication`, `max_wal_senders`), and
+/// the daemon's tip is streaming now.
+async fn check_wal_tip(cfg: &config::Config) -> Check {
+    let b = &cfg.backup;
+    if b.bucket.is_none() || !b.wal_archive || !b.wal_tip {
+        return Check::skip("wal-tip", "off (needs backup.bucket, backup.wal-archive and backup.wal-tip)");
+    }
+    let target = crate::pg::PgTarget::new(&cfg.services.postgres);
+    let Ok(c) = target.connect("postgres", std::time::Duration::from_secs(5)).await else {
+        return Check::skip("wal-tip", "PostgreSQL is not accepting connections");
+    };
+    // The tip runs beside the daemon's archiving: none yet (a daemon that has not loaded this
+    // configuration, or is not running) is for the units' checks above to say.
+    let archiving = c.query_one("SELECT current_setting('archive_command')", &[]).await.map(|r| r.get::<_, String>(0));
+    if !archiving.as_deref().is_ok_and(|a| a.contains("wal push")) {
+        return Check::skip("wal-tip", "PostgreSQL does not archive through caretaker yet (the daemon sets it up)");
+    }
+    let probe = crate::replication::Replication::connect(
+        &target.socket_path(),
+        &target.user,
+        "caretaker-doctor",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    let system = match probe {
+        Ok(mut r) => r.identify().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = system {
+        return Check::fail(
+            "wal-tip",
+            format!("PostgreSQL refuses a replication connection: {e}"),
+            format!(
+                "allow it: `local replication {} peer` in pg_hba.conf (initdb's default) and max_wal_senders ≥ 2, then \
+                 reload PostgreSQL",
+                target.user
+            ),
+        );
+    }
+    let row = c
+        .query_opt(
+            "SELECT state, flush_lsn::text, (pg_current_wal_flush_lsn() - flush_lsn)::bigint FROM pg_stat_replication \
+             WHERE application_name = $1",
+            &[&crate::backup::wal::tip::APPLICATION],
+        )
+        .await;
+    match row {
+        Ok(Some(r)) => {
+            let (state, flush, behind): (String, Option<String>, Option<i64>) = (r.get(0), r.get(1), r.get(2));
+            Check::ok(
+                "wal-tip",
+                format!(
+                    "streaming ({state}); S3 holds WAL to {} ({} behind PostgreSQL's flush)",
+                    flush.unwrap_or_else(|| "-".into()),
+                    crate::units::human_bytes(behind.unwrap_or(0).max(0) as u64)
+                ),
+            )
+        }
+        Ok(None) => Check::fail(
+            "wal-tip",
+            "PostgreSQL accepts replication, but the daemon's tip is not streaming: commits since the last archived \
+             segment are on this box only",
+            "caretaker status (wal-tip line); journalctl -u caretaker | grep 'WAL tip'",
+        ),
+        Err(e) => Check::fail("wal-tip", format!("cannot read pg_stat_replication: {e}"), "check PostgreSQL's log"),
+    }
 }
 
 /// `1 env file`, `2 env files`.
