@@ -137,7 +137,7 @@ impl Daemon {
 /// (where the kernel shares the CPU between sessions instead). Neither is fatal: a daemon that
 /// cannot lower itself still does its work, and says so.
 async fn apply_job_priority(systemd: Option<crate::systemd::manager::Systemd>, jobs: config::JobsConfig) {
-    match crate::priority::set_autogroup_nice(jobs.nice) {
+    match crate::priority::set_autogroup_nice(jobs.nice).await {
         Ok(true) => info!(nice = jobs.nice, "the daemon's session (autogroup) runs at nice {}", jobs.nice),
         Ok(false) => {}
         Err(e) => warn!("cannot set the daemon's autogroup nice to {}: {e}", jobs.nice),
@@ -186,8 +186,8 @@ async fn start_background(
     status: Arc<Mutex<DaemonStatus>>,
     cancel: CancellationToken,
 ) {
-    let alerts = build_alerts(&cfg).await;
-    jobs.set_alerts(alerts.clone());
+    let alerts = jobs.alerts().unwrap_or_else(|| pending_alerts(&cfg));
+    alerts.set_mailer(build_mailer(&cfg).await);
     let gate = crate::backup::lease::Gate::default();
     if cfg.backup.bucket.is_some() {
         tokio::spawn(serve_wal(
@@ -796,36 +796,44 @@ async fn abort_stale_uploads(cfg: &crate::config::Config) {
 /// Alerts with an SES mailer when `notify.sender` is set. The region comes from the config, the
 /// instance.env firstboot wrote, or IMDS.
 pub async fn build_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts {
-    let var = crate::envfile::instance_var;
+    crate::notify::Alerts::new(
+        build_mailer(cfg).await,
+        &cfg.notify.subject_prefix,
+        &alert_origin(),
+        cfg.notify.max_per_hour,
+    )
+}
+
+/// Alerts whose mailer comes later ([`build_mailer`]): the daemon has them before its first job.
+pub fn pending_alerts(cfg: &crate::config::Config) -> crate::notify::Alerts {
+    crate::notify::Alerts::pending(&cfg.notify.subject_prefix, &alert_origin(), cfg.notify.max_per_hour)
+}
+
+/// How emails name this box: the instance id and host name.
+fn alert_origin() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-    let origin = match var("INSTANCE_ID") {
+    match crate::envfile::instance_var("INSTANCE_ID") {
         Some(id) => format!("{id} ({host})"),
         None => host,
-    };
-    let mailer = match &cfg.notify.sender {
-        None => None,
-        Some(from) => {
-            let region = match crate::aws::region::resolve(&cfg.aws).await {
-                Ok(r) => Some(r.name),
-                Err(e) => {
-                    error!("alert emails disabled: {e}");
-                    None
-                }
-            };
-            match region {
-                Some(region) => {
-                    let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
-                    Some(crate::notify::Mailer {
-                        ses: crate::aws::ses::SesClient::new(crate::aws::sdk::ses_client(&sdk, &cfg.aws)),
-                        from: from.clone(),
-                        to: cfg.notify.recipients.clone(),
-                    })
-                }
-                None => None,
-            }
+    }
+}
+
+/// The SES mailer of `[notify]`, or `None` (no sender, or no region: alerts are logged only).
+pub async fn build_mailer(cfg: &crate::config::Config) -> Option<crate::notify::Mailer> {
+    let from = cfg.notify.sender.as_ref()?;
+    let region = match crate::aws::region::resolve(&cfg.aws).await {
+        Ok(r) => r.name,
+        Err(e) => {
+            error!("alert emails disabled: {e}");
+            return None;
         }
     };
-    crate::notify::Alerts::new(mailer, &cfg.notify.subject_prefix, &origin, cfg.notify.max_per_hour)
+    let sdk = crate::aws::sdk::sdk_config(&cfg.aws, &region).await;
+    Some(crate::notify::Mailer {
+        ses: crate::aws::ses::SesClient::new(crate::aws::sdk::ses_client(&sdk, &cfg.aws)),
+        from: from.clone(),
+        to: cfg.notify.recipients.clone(),
+    })
 }
 
 fn file_list(files: &[PathBuf]) -> Vec<String> {
@@ -873,6 +881,8 @@ pub async fn run(sources: Sources, levels: LevelHandle) -> Result<(), DaemonErro
     let bus_err = |source| DaemonError::Bus { address: address.clone(), source };
     let cancel = CancellationToken::new();
     let jobs = Jobs::new(cancel.child_token());
+    // Alerts exist before the first job or probe can fail; their mailer follows in the background.
+    jobs.set_alerts(pending_alerts(&loaded.config));
     let job_events = jobs.events();
     let (services_tx, services_rx) = watch::channel(Vec::<ServiceStatus>::new());
     let shared_config = Arc::new(std::sync::RwLock::new(loaded.config.clone()));

@@ -46,10 +46,19 @@ pub struct Mailer {
     pub to: Vec<String>,
 }
 
+/// Whether the mailer is known yet: the daemon builds its alerts before anything can fail (so a
+/// job that fails right after start still emails) and learns the mailer once the region and
+/// credentials resolve; emails sent before then wait for it.
+#[derive(Clone)]
+enum MailerState {
+    Pending,
+    Ready(Option<Mailer>),
+}
+
 #[derive(Clone)]
 pub struct Alerts {
     state: Arc<Mutex<State>>,
-    mailer: Option<Mailer>,
+    mailer: Arc<tokio::sync::watch::Sender<MailerState>>,
     prefix: String,
     origin: String,
     max_per_hour: u32,
@@ -59,9 +68,25 @@ pub struct Alerts {
 impl Alerts {
     /// `origin` names the box in every email (instance id, host name).
     pub fn new(mailer: Option<Mailer>, prefix: &str, origin: &str, max_per_hour: u32) -> Self {
+        Self::with_state(MailerState::Ready(mailer), prefix, origin, max_per_hour)
+    }
+
+    /// Alerts whose mailer is not known yet ([`Alerts::set_mailer`] gives it): incidents open
+    /// and deduplicate at once, and their emails go out once the mailer is set.
+    pub fn pending(prefix: &str, origin: &str, max_per_hour: u32) -> Self {
+        Self::with_state(MailerState::Pending, prefix, origin, max_per_hour)
+    }
+
+    /// Gives pending alerts their mailer (`None`: emails are only logged); the emails waiting
+    /// for it are sent now. Later calls replace it.
+    pub fn set_mailer(&self, mailer: Option<Mailer>) {
+        self.mailer.send_replace(MailerState::Ready(mailer));
+    }
+
+    fn with_state(mailer: MailerState, prefix: &str, origin: &str, max_per_hour: u32) -> Self {
         Alerts {
             state: Arc::new(Mutex::new(State { open: BTreeMap::new(), sent: VecDeque::new(), suppressed: 0 })),
-            mailer,
+            mailer: Arc::new(tokio::sync::watch::Sender::new(mailer)),
             prefix: prefix.to_string(),
             origin: origin.to_string(),
             max_per_hour,
@@ -139,10 +164,10 @@ impl Alerts {
     }
 
     fn send(&self, subject: String, body: String) {
-        let Some(mailer) = self.mailer.clone() else {
+        if let MailerState::Ready(None) = &*self.mailer.borrow() {
             info!("no notify.sender configured: alert logged only");
             return;
-        };
+        }
         {
             let mut s = self.lock();
             let hour_ago = Instant::now().checked_sub(Duration::from_secs(3600));
@@ -161,7 +186,16 @@ impl Alerts {
             s.sent.push_back(Instant::now());
         }
         let retry = self.retry;
+        let mut mailer = self.mailer.subscribe();
         tokio::spawn(async move {
+            let mailer = match mailer.wait_for(|m| matches!(m, MailerState::Ready(_))).await.map(|m| m.clone()) {
+                Ok(MailerState::Ready(Some(mailer))) => mailer,
+                Ok(_) => {
+                    info!(subject, "no notify.sender configured: alert logged only");
+                    return;
+                }
+                Err(_) => return,
+            };
             let mut delay = retry;
             for attempt in 1..=8 {
                 match mailer.ses.send(&mailer.from, &mailer.to, &subject, &body).await {

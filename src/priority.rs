@@ -29,16 +29,27 @@ pub fn lower(pid: u32, nice: i32) -> std::io::Result<()> {
 /// shares the CPU between sessions (tasks outside any cpu cgroup, with
 /// `kernel.sched_autogroup_enabled`), a process's own nice value only ranks it among its session,
 /// and the session's weight is this one. Ok(false) when the kernel has no autogroups.
-pub fn set_autogroup_nice(nice: i32) -> std::io::Result<bool> {
+///
+/// The kernel allows one such change per 100 ms on the whole machine to processes without
+/// CAP_SYS_ADMIN (`EAGAIN` otherwise, e.g. while other daemons start beside this one): it is
+/// retried for up to 5 s.
+pub async fn set_autogroup_nice(nice: i32) -> std::io::Result<bool> {
     let path = "/proc/self/autogroup";
-    match std::fs::OpenOptions::new().write(true).open(path) {
-        Ok(mut f) => {
+    let mut attempts = 0;
+    loop {
+        let result = std::fs::OpenOptions::new().write(true).open(path).and_then(|mut f| {
             use std::io::Write;
-            f.write_all(nice.to_string().as_bytes())?;
-            Ok(true)
+            f.write_all(nice.to_string().as_bytes())
+        });
+        match result {
+            Ok(()) => return Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EAGAIN) && attempts < 40 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(125)).await;
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
     }
 }
 

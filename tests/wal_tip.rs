@@ -150,6 +150,7 @@ async fn a_killed_box_loses_only_seconds_of_commits() {
     assert!(st.lag_seconds < 5.0, "the live RPO while streaming: {st:?}");
 
     // 2. A whole segment archived: its chunks go.
+    let sessions = state.status().sessions;
     pg.sql("SELECT pg_switch_wal()");
     let old_segment = st.stored.clone().unwrap();
     let t0 = Instant::now();
@@ -165,6 +166,11 @@ async fn a_killed_box_loses_only_seconds_of_commits() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The switch streamed the zeros PostgreSQL fills a switched segment's rest with: stored
+    // like any WAL, and the tip goes on into the next segment.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = state.status();
+    assert!(status.streaming && status.sessions == sessions, "the tip after a segment switch: {status:?}");
     // 3. caretaker dies (the tip aborted): PostgreSQL keeps no WAL for it. Ten segments written
     //    and checkpointed: pg_wal recycles them (a slot would hold every one).
     tip_task.abort();

@@ -104,6 +104,14 @@ pub fn check_pages(
         let i = (page - at) as usize;
         let h = &bytes[i..];
         let magic = u16::from_le_bytes([h[0], h[1]]);
+        // After a segment switch (pg_switch_wal, a base backup, archive_timeout) PostgreSQL
+        // fills the rest of the segment with zeros, headers included, and streams them: an
+        // all-zero page is the faithful copy of that, never garbage.
+        let in_page = h.len().min(PAGE as usize);
+        if magic == 0 && h[..in_page].iter().all(|&b| b == 0) {
+            page += PAGE;
+            continue;
+        }
         if !(0xD000..=0xD1FF).contains(&magic) {
             return Err(format!("the page at {} has magic {magic:#06X}, not a WAL page's", Lsn(page)));
         }
@@ -299,6 +307,8 @@ pub struct TipStatus {
     /// Chunks of whole archived segments deleted.
     pub deleted: u64,
     pub last_error: Option<String>,
+    /// Streaming sessions started (1 while nothing went wrong since the daemon started).
+    pub sessions: u64,
     /// Since when the tip cannot stream although PostgreSQL accepts connections (RFC 3339).
     pub failing_since: Option<String>,
     #[serde(skip)]
@@ -376,10 +386,16 @@ pub async fn run(
             return;
         }
         let closed = gate.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let began = Instant::now();
         let outcome = match closed {
             Some(why) => Err(TipError::Paused(why)),
             None => session(&archive, &target, &settings, &tip, &mut resume, &cancel).await,
         };
+        // A session that ran for a while resets the backoff: failures an hour apart each
+        // retry after 1 s, not after the 30 s earlier ones grew it to.
+        if began.elapsed() >= Duration::from_secs(60) {
+            wait = Duration::from_secs(1);
+        }
         tip.update(|s| s.streaming = false);
         match outcome {
             Ok(()) => {
@@ -469,6 +485,7 @@ async fn session(
     );
     tip.update(|s| {
         s.streaming = true;
+        s.sessions += 1;
         s.timeline = Some(sys.timeline);
         s.last_error = None;
         s.failing_since = None;
@@ -727,8 +744,16 @@ mod tests {
         assert!(check_pages(&b, SEG * 3, 1, SEG, 43).unwrap_err().contains("cluster 42"));
         assert!(check_pages(&b, SEG * 3 + PAGE, 1, SEG, 42).unwrap_err().contains("says it is at"));
         assert!(check_pages(&b, SEG * 3, 0, SEG, 42).unwrap_err().contains("timeline 1"));
+        // The zeros PostgreSQL writes after a segment switch (headers included) pass, whole or
+        // cut mid-page; a page that is not all zeros still needs a WAL header.
         let mut zeros = b.clone();
         zeros[2 * PAGE as usize..].fill(0);
-        assert!(check_pages(&zeros, SEG * 3, 1, SEG, 42).unwrap_err().contains("magic"));
+        check_pages(&zeros, SEG * 3, 1, SEG, 42).unwrap();
+        check_pages(&zeros[..2 * PAGE as usize + 30], SEG * 3, 1, SEG, 42).unwrap();
+        let mut garbage = zeros.clone();
+        garbage[3 * PAGE as usize + 500] = 7;
+        assert!(check_pages(&garbage, SEG * 3, 1, SEG, 42).unwrap_err().contains("the page at 0/3006000 has magic"));
+        garbage[3 * PAGE as usize..].fill(0x5A);
+        assert!(check_pages(&garbage, SEG * 3, 1, SEG, 42).unwrap_err().contains("magic 0x5A5A"));
     }
 }
