@@ -15,6 +15,9 @@
 #      Then restore_command on its own, 10 segments one by one: `caretaker wal fetch` through the
 #      live daemon (no prefetch) vs `pgbackrest archive-get`.
 #   4. The daemon's RSS during the load (VmRSS every second, VmHWM; the daemon restarted before).
+#   5. The WAL tip: bench/tip.sh (rows lost with the tip on and off, its upload interval p50/p99,
+#      CPU-s and S3 requests per hour at 1 MiB/s of WAL), after the rest; PITR_TIP=0 skips it,
+#      PITR_TIP_ARGS="40 60" shortens it.
 # Clusters: autovacuum = off (nothing writes WAL after the load, so both restores replay the same
 # WAL), and jit = off: a workaround for caretaker's restore failing on JIT-compiled queries (below).
 # pgBackRest's repository is in S3 too: the same s3s-fs, through TLS (pgBackRest speaks S3 over TLS
@@ -600,3 +603,12 @@ echo "targets:"
 echo "  $( ((ct_keep)) && echo ✓ || echo ✗) archiving keeps up with pgbench: .ready max ${R[ct.ready_max]} (≤ 16), ${R[ct.ready_end]} when the load ended (≤ 2)"
 echo "  $(mark "${R[ct.restore_s]} <= ${R[pb.restore_s]}") PITR restore ≤ 1.0 × pgBackRest: $(ratio "${R[ct.restore_s]}" "${R[pb.restore_s]}") × ($([[ $pgbr_repo == s3 ]] && echo "both from S3; pgBackRest's through TLS" || echo "pgBackRest's time a lower bound: no S3"))"
 echo "  $(mark "${R[ct.hwm]} <= 40") daemon RSS at full pgbench load ≤ 40 MiB: VmHWM ${R[ct.hwm]} MiB, sampled max ${R[ct.rss_max]} MiB"
+
+# 5. The WAL tip (issue 16): rows lost when the box dies with the tip on and off, and what the tip
+#    costs at a steady 1 MiB/s of WAL (upload interval p50/p99, CPU-s and S3 requests per hour) —
+#    bench/tip.sh, in boxes of its own. PITR_TIP=0 skips it (~13 min).
+if [[ ${PITR_TIP:-1} != 0 ]]; then
+    echo
+    echo "  5. the WAL tip: bench/tip.sh ${PITR_TIP_ARGS:-}"
+    TIP_BIN=${PITR_BIN:-} "$repo/bench/tip.sh" ${PITR_TIP_ARGS:-}
+fi
