@@ -625,8 +625,8 @@ async fn prune_wal(
     // The WAL tip's chunks by the same rule (those of archived segments went already; what is
     // left is the tail of a timeline or cluster that never archived it whole).
     let mut tips = std::collections::BTreeSet::new();
-    for key in s3.list_keys(&bucket, &super::wal::tip::folder(&cfg.backup.prefix)).await? {
-        let Some((_, s, _, _)) = super::wal::tip::parse_chunk_key(&cfg.backup.prefix, &key, segment_size) else {
+    for key in s3.list_keys(&bucket, &super::wal::tip_key::folder(&cfg.backup.prefix)).await? {
+        let Some((_, s, _, _)) = super::wal::tip_key::parse_chunk_key(&cfg.backup.prefix, &key, segment_size) else {
             continue;
         };
         if s.number < cutoff {

@@ -19,3 +19,5 @@ pub mod object;
 pub mod server;
 /// The unfinished segment, streamed from PostgreSQL and stored in S3 every second or so.
 pub mod tip;
+/// The WAL tip's chunk keys.
+pub mod tip_key;
