@@ -422,7 +422,9 @@ async fn report_boot_recovery(
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), services.changed()).await;
     };
-    let last_commit = details["postgres"]["last_commit"].as_str().map(str::to_string);
+    // A base backup with WAL ends at its last replayed commit; a logical dump at its snapshot.
+    let dump_taken = details["postgres_dump"]["taken_at"].as_str().map(str::to_string);
+    let last_commit = details["postgres"]["last_commit"].as_str().map(str::to_string).or(dump_taken.clone());
     let age = last_commit
         .as_deref()
         .and_then(|t| humantime::parse_rfc3339(t).ok())
@@ -452,8 +454,13 @@ async fn report_boot_recovery(
     let id = crate::backup::run::instance_id();
     let body = format!(
         "Box {id} came up on a blank data volume and restored itself from backup before anything started.\n\n\
-         {summary}.\n\nThe last restored commit: {}{age}.\n{redis}\n{api}.\n\nfirstboot's report: /run/caretaker/firstboot.json; \
-         journalctl -u caretaker-firstboot shows each step. A fresh base backup is due: `caretaker backup now --kind base`.",
+         {summary}.\n\n{}: {}{age}.\n{redis}\n{api}.\n\nfirstboot's report: /run/caretaker/firstboot.json; \
+         journalctl -u caretaker-firstboot shows each step. A fresh backup is due: `caretaker backup now`.",
+        if dump_taken.is_some() {
+            "No base backup existed: the data is the logical backup's snapshot, taken at"
+        } else {
+            "The last restored commit"
+        },
         last_commit.as_deref().unwrap_or("none replayed")
     );
     alerts.report(&format!("box {id} restored itself from backup; {api}"), &body);

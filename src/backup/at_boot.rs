@@ -1,7 +1,8 @@
 //! The restore firstboot runs on a blank volume (boot::recovery decided it), before PostgreSQL
 //! starts: the newest base backup and its WAL to the end of the archive, built and verified beside
 //! the (empty) data directory exactly as a point-in-time restore builds it, then renamed into
-//! place. Nothing is swapped: no service runs yet.
+//! place. Nothing is swapped: no service runs yet. Without any base backup the newest logical
+//! dump that verifies becomes a new cluster instead (see [`super::dump_build`]).
 //!
 //! What S3 says is sorted three ways, because the difference decides whether an empty cluster may
 //! be made: it could not be read (retry, never initdb); it holds nothing of this deployment (an
@@ -86,13 +87,8 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
             )));
         }
         let dumps = run::list(cfg, &s3, Kind::Postgres).await.map_err(|e| unreadable(&e))?;
-        if let Some(newest) = dumps.last() {
-            return Err(AtBootError::Refused(format!(
-                "the only PostgreSQL backups are logical dumps (newest {}, {}); restoring those at boot is not \
-                 built yet: set recovery.on-blank-volume = \"empty\", start, then `caretaker restore postgres \
-                 --backup {}`",
-                newest.id, newest.finished_at, newest.id
-            )));
+        if !dumps.is_empty() {
+            return restore_dump(cfg, &s3, &dumps, progress).await;
         }
         let redis = restore_redis_rdb(cfg, &s3, progress).await?;
         return Ok(AtBoot::NothingToRestore(format!(
@@ -160,19 +156,7 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
             failures.join("; ")
         )));
     };
-    // The data directory is empty (the decision checked): it makes room for the verified copy.
-    let place = || -> std::io::Result<()> {
-        match std::fs::remove_dir(&data) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        std::fs::rename(&built.dir, &data)?;
-        crate::fsutil::sync_dir(&parent).map_err(|e| std::io::Error::other(e.to_string()))
-    };
-    if let Err(e) = place() {
-        let _ = std::fs::remove_dir_all(&built.dir);
-        return Err(AtBootError::Refused(format!("cannot put the restored copy at {}: {e}", data.display())));
-    }
+    place(&data, &built.dir)?;
     let redis = restore_redis_rdb(cfg, &s3, progress).await?;
     let summary = format!(
         "restored base backup {} and its WAL to the end of the archive (last commit {}); {} tables, {} rows in {}{}",
@@ -189,6 +173,93 @@ pub async fn restore_newest(cfg: &Config, progress: &(dyn Fn(String) + Send + Sy
         details["redis"] = serde_json::json!({ "backup": id, "keys": keys });
     }
     Ok(AtBoot::Restored { summary, details })
+}
+
+/// How many logical dumps the restore at boot tries, newest first, before it gives up.
+pub const DUMPS_TRIED: usize = 3;
+
+/// No base backup, only logical dumps: the newest that loads and verifies (of the newest
+/// [`DUMPS_TRIED`]) becomes the cluster, built beside the data directory (see
+/// [`super::dump_build`]), then Redis.
+async fn restore_dump(
+    cfg: &Config,
+    s3: &crate::aws::s3::S3,
+    dumps: &[run::Manifest],
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<AtBoot, AtBootError> {
+    let data = cfg.services.postgres.data_dir.clone();
+    let tried: Vec<&run::Manifest> = dumps.iter().rev().take(DUMPS_TRIED).collect();
+    let mut failures = Vec::new();
+    let mut built = None;
+    for (n, m) in tried.iter().enumerate() {
+        progress(format!(
+            "no base backup: restoring logical backup {} (taken {}, {} rows in {} tables){}",
+            m.id,
+            m.started_at,
+            run::row_counts(m).values().sum::<i64>(),
+            run::row_counts(m).len(),
+            if n > 0 { format!(" — the {n} newer one(s) failed") } else { String::new() }
+        ));
+        let dir = pitr::build_dir(&data, &super::swap::stamp(SystemTime::now()));
+        match super::dump_build::build(cfg, s3, m, &dir, progress).await {
+            Ok(b) => {
+                built = Some(b);
+                break;
+            }
+            Err(e) => {
+                let left = tried.len() - n - 1;
+                tracing::error!(
+                    "recovery at boot: logical backup {} failed: {e}; {left} older one(s) left to try",
+                    m.id
+                );
+                progress(format!("logical backup {} failed: {e}; {left} older one(s) left to try", m.id));
+                failures.push(format!("{}: {e}", m.id));
+            }
+        }
+    }
+    let Some(built) = built else {
+        return Err(AtBootError::Refused(format!(
+            "every logical backup tried failed (the newest {} of {}): {}",
+            tried.len(),
+            dumps.len(),
+            failures.join("; ")
+        )));
+    };
+    place(&data, &built.dir)?;
+    let redis = restore_redis_rdb(cfg, s3, progress).await?;
+    let summary = format!(
+        "restored logical backup {} (taken {}); {} tables, {} rows in {}{}",
+        built.backup,
+        built.taken_at,
+        built.tables,
+        built.rows,
+        cfg.backup.database,
+        redis.as_ref().map(|(id, keys)| format!("; Redis from backup {id} ({keys} keys)")).unwrap_or_default()
+    );
+    progress(summary.clone());
+    let mut details = serde_json::json!({ "postgres_dump": built });
+    if let Some((id, keys)) = redis {
+        details["redis"] = serde_json::json!({ "backup": id, "keys": keys });
+    }
+    Ok(AtBoot::Restored { summary, details })
+}
+
+/// The data directory is empty (the decision checked): it makes room for the verified copy
+/// `built`, which is removed if it cannot be put there.
+fn place(data: &Path, built: &Path) -> Result<(), AtBootError> {
+    let parent = data.parent().unwrap_or(Path::new("/"));
+    let go = || -> std::io::Result<()> {
+        match std::fs::remove_dir(data) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::rename(built, data)?;
+        crate::fsutil::sync_dir(parent).map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    go().map_err(|e| {
+        let _ = std::fs::remove_dir_all(built);
+        AtBootError::Refused(format!("cannot put the restored copy at {}: {e}", data.display()))
+    })
 }
 
 /// The newest Redis backup into `services.redis.data-dir/dump.rdb` before Redis starts, its hashes

@@ -2,10 +2,12 @@
 
 /// The alert emails of backups and drills.
 pub mod alerts;
-/// The restore firstboot runs on a blank volume: the newest base backup and WAL.
+/// The restore firstboot runs on a blank volume: the newest base backup and WAL (or dump).
 pub mod at_boot;
 /// Physical base backups (pg_basebackup), the start of point-in-time recovery.
 pub mod base;
+/// A cluster built from a logical dump (the restore at boot without base backups).
+pub mod dump_build;
 /// Exact row counts read from pg_dump's stream as it passes.
 pub mod dump_scan;
 /// The way back: S3 → age → zstd → a sink, hashed.
