@@ -81,16 +81,10 @@ async fn build_in(
     progress(format!("dump: a new cluster initialised in {} ({:.1} s)", dir.display(), clock.elapsed().as_secs_f64()));
 
     // 2. Its private server.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-        l.local_addr().map_err(|e| e.to_string())?.port()
-    };
+    let port = super::pitr::free_port()?;
     let log = run.join("postgres.log");
     let logfile = std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let bin = super::pitr::Tools::for_config(cfg).server_bin.join("postgres");
-    let mut cmd = tokio::process::Command::new(&bin);
-    cmd.arg("-D").arg(dir);
-    for s in [
+    let settings = [
         format!("port={port}"),
         "listen_addresses=".into(),
         format!("unix_socket_directories={}", run.display()),
@@ -99,18 +93,9 @@ async fn build_in(
         "log_destination=stderr".into(),
         // caretaker.service's MemoryDenyWriteExecute= forbids JIT code.
         "jit=off".into(),
-    ] {
-        cmd.arg("-c").arg(s);
-    }
-    cmd.env_remove("NOTIFY_SOCKET")
-        .uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(logfile)
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    ];
+    let bin = super::pitr::Tools::for_config(cfg).server_bin;
+    let mut child = super::pitr::spawn_server(&bin, dir, &settings, &user, logfile)?;
     let local = PgTarget { socket_dir: run.to_path_buf(), port, user: pg.user.clone(), bin_dir: pg.bin_dir.clone() };
     let up = Instant::now();
     loop {
@@ -129,7 +114,7 @@ async fn build_in(
 
     let result = load(cfg, s3, m, dir, run, port, &local, progress).await;
     // Fast shutdown: a clean checkpoint, so the cluster starts without recovery once in place.
-    let stopped = stop(&mut child).await;
+    let stopped = super::pitr::stop_child(&mut child).await;
     let built = result?;
     stopped?;
     Ok(built)
@@ -214,16 +199,4 @@ fn make_dir(path: &Path, mode: u32, user: &nix::unistd::User) -> Result<(), Stri
 fn last_lines(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
-}
-
-/// SIGINT (fast shutdown), waited for.
-async fn stop(child: &mut tokio::process::Child) -> Result<(), String> {
-    let Some(pid) = child.id() else { return Ok(()) };
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT);
-    match tokio::time::timeout(Duration::from_secs(600), child.wait()).await {
-        Ok(Ok(s)) if s.success() => Ok(()),
-        Ok(Ok(s)) => Err(format!("the new cluster did not shut down cleanly ({s})")),
-        Ok(Err(e)) => Err(format!("waiting for the new cluster to stop: {e}")),
-        Err(_) => Err("the new cluster did not stop within 10 minutes".into()),
-    }
 }

@@ -590,7 +590,7 @@ async fn check_server(tools: &Tools, d: &BaseDetails) -> Result<(), PitrError> {
     Ok(())
 }
 
-fn free_port() -> Result<u16, String> {
+pub(super) fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
@@ -652,9 +652,20 @@ fn start_server(
         settings.push("hot_standby=on".into());
         settings.extend(standby.iter().cloned());
     }
-    let mut cmd = tokio::process::Command::new(tools.server_bin.join("postgres"));
+    spawn_server(&tools.server_bin, dir, &settings, user, logfile).map_err(PitrError::Build)
+}
+
+/// Runs `BIN/postgres -D dir -c SETTING…` as `user`, its log into `logfile`; killed when dropped.
+pub(super) fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    settings: &[String],
+    user: &nix::unistd::User,
+    logfile: std::fs::File,
+) -> Result<tokio::process::Child, String> {
+    let mut cmd = tokio::process::Command::new(bin.join("postgres"));
     cmd.arg("-D").arg(dir);
-    for s in &settings {
+    for s in settings {
         cmd.arg("-c").arg(s);
     }
     // Not systemd's notify socket: only the daemon talks to it.
@@ -666,8 +677,7 @@ fn start_server(
         .stdout(std::process::Stdio::null())
         .stderr(logfile)
         .kill_on_drop(true);
-    cmd.spawn()
-        .map_err(|e| PitrError::Build(format!("cannot run {}: {e}", tools.server_bin.join("postgres").display())))
+    cmd.spawn().map_err(|e| format!("cannot run {}: {e}", bin.join("postgres").display()))
 }
 
 /// The hot-standby limits the primary ran with, from the copy's pg_control (`pg_controldata`):
@@ -857,7 +867,7 @@ async fn verify_copy(
 
 /// Fast shutdown of the restore's own server (SIGINT), waited for (at most 10 minutes: the
 /// shutdown checkpoint writes what replay dirtied).
-async fn stop_child(child: &mut tokio::process::Child) -> Result<(), String> {
+pub(super) async fn stop_child(child: &mut tokio::process::Child) -> Result<(), String> {
     let Some(pid) = child.id() else { return Ok(()) };
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT);
     match tokio::time::timeout(Duration::from_secs(600), child.wait()).await {

@@ -95,11 +95,16 @@ pub struct Manifest {
     pub details: serde_json::Value,
 }
 
-/// `20261122T030000Z-a1b2c3`: sorts by time.
+/// `20261122T030000Z-a1b2c3`: sorts by time, to the millisecond — the suffix's top 10 bits are
+/// the millisecond within the second (two backups of one second, e.g. a scheduled one and one
+/// by hand, must list in the order they were taken: "the newest" is what a restore at boot
+/// picks), the low 14 random.
 pub fn new_id(now: SystemTime) -> String {
     let t = crate::units::compact_stamp(now);
-    let salt =
-        crate::calendar::random_delay(std::time::Duration::from_secs(1 << 24), "id").as_millis() as u32 & 0xffffff;
+    let millis = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0);
+    let random =
+        crate::calendar::random_delay(std::time::Duration::from_secs(1 << 14), "id").as_millis() as u32 & 0x3fff;
+    let salt = (millis << 14) | random;
     format!("{t}-{salt:06x}")
 }
 
@@ -656,5 +661,15 @@ mod tests {
         assert!(a < b, "{a} {b}");
         assert!(a.starts_with("20261122T030000Z-") && a.len() == 23, "{a}");
         assert_eq!(folder("caretaker", Kind::Postgres, &a), format!("caretaker/postgres/2026/11/22/{a}/"));
+        // Within one second, by the millisecond (whatever the random bits).
+        let t = humantime::parse_rfc3339("2026-11-22T03:00:00Z").unwrap();
+        for ms in [0u64, 1, 15, 16, 499, 998] {
+            for _ in 0..20 {
+                let earlier = new_id(t + std::time::Duration::from_millis(ms));
+                let later = new_id(t + std::time::Duration::from_millis(ms + 1));
+                assert!(earlier < later && valid_id(&earlier) && valid_id(&later), "{earlier} {later}");
+            }
+        }
+        assert!(valid_id(&new_id(t + std::time::Duration::from_millis(999))));
     }
 }
