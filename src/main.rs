@@ -8,6 +8,7 @@ use caretaker::control::client::{Client, ClientError};
 use caretaker::{daemon, exit, logging};
 
 fn main() -> ExitCode {
+    caretaker::pageout::fix_mmap_threshold();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

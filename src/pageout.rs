@@ -9,6 +9,30 @@
 //! anonymous memory is never touched, so nothing can be lost: a pageout of clean file pages is
 //! always a re-read away.
 
+/// Fixes glibc malloc's mmap threshold at 1 MiB. glibc raises it (up to 32 MiB) each time a
+/// mapped block above it is freed, so after the first part of a backup its 6 MiB parts come from
+/// the heap arenas instead: they fragment and keep their peak after the job (measured, release
+/// build, 1 GiB dump: the first backup peaked at 41 MiB, the third at 54 MiB, 45 MiB stayed
+/// resident between them). With a fixed threshold each large block is a mapping of its own,
+/// given back to the kernel when freed. Called once at start, before any thread exists.
+pub fn fix_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes the allocator's tuning; called before other threads allocate.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Gives back the free pages of every malloc arena (glibc keeps a heap at its high-water mark):
+/// after a job, the idle daemon's resident set returns to its working set.
+pub fn release_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the kernel; any thread may call it.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
 /// Asks the kernel to reclaim the clean, read-only mappings of this process's own executable
 /// (`/proc/self/exe`); returns how many bytes were advised. Pages another process also maps are
 /// left alone by the kernel.

@@ -274,7 +274,11 @@ pub async fn backup(
             let details = serde_json::json!({
                 "database": db, "row_counts": counts, "database_bytes": database_bytes, "owner": owner
             });
-            ("pg_dump".to_string(), tool_version("pg_dump").await, status, pending, details)
+            let version = tool_version(
+                &target.bin_dir.as_ref().map_or("pg_dump".into(), |d| d.join("pg_dump").display().to_string()),
+            )
+            .await;
+            ("pg_dump".to_string(), version, status, pending, details)
         }
         Kind::Redis => {
             progress("redis: BGSAVE".into());
@@ -362,7 +366,7 @@ pub async fn backup(
     pending.complete().await?;
     s3.put_object(&bucket, &format!("{folder}{MANIFEST}"), keys.seal(&manifest)).await?;
     progress(format!(
-        "{}: backup {id} complete: {} → {} stored in {:.1} s, {}",
+        "{}: backup {id} complete: {} → {} stored in {:.2} s, {}",
         kind.as_str(),
         crate::units::human_bytes(manifest.plain_bytes),
         crate::units::human_bytes(manifest.stored_bytes),

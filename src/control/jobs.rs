@@ -218,9 +218,10 @@ impl Jobs {
             Err(e) => error!(job = %id, "job failed: {}: {e}", info.description),
         }
         self.emit(JobEvent::Finished { id: id.to_string(), ok: result.is_ok(), summary: info.summary });
-        // A job pages in code idle work never runs (the SDK's upload paths, restore, drills):
-        // given back now, the idle daemon's resident set stays its working set.
+        // A job pages in code idle work never runs (the SDK's upload paths, restore, drills) and
+        // grows the heap: both given back now, the idle daemon's resident set stays its working set.
         let _ = crate::pageout::release_code_pages();
+        crate::pageout::release_heap();
     }
 
     /// Cancels the running job and waits up to `grace` for it to end.
