@@ -28,6 +28,8 @@ cleanup() {
     local p
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    # on_host runs in a subshell when backgrounded: its PID is not the S3 server's.
+    pkill -f -- "s3s-fs .*$work/s3" 2>/dev/null || true
     dev/lab down "$box" >/dev/null 2>&1 || echo "dev/lab down $box failed" >&2
     rm -rf "$work"
 }
