@@ -107,10 +107,7 @@ impl PgTarget {
     /// dropped; stdout and stderr piped, stdin null (callers change what they need).
     pub fn tool(&self, program: &str) -> Result<tokio::process::Command, PgError> {
         let user = User::from_name(&self.user).ok().flatten().ok_or_else(|| PgError::NoUser(self.user.clone()))?;
-        let mut cmd = match &self.bin_dir {
-            Some(dir) => tokio::process::Command::new(dir.join(program)),
-            None => tokio::process::Command::new(program),
-        };
+        let mut cmd = tokio::process::Command::new(self.tool_path(program));
         cmd.uid(user.uid.as_raw())
             .gid(user.gid.as_raw())
             .current_dir("/")
@@ -122,6 +119,11 @@ impl PgTarget {
     }
 
     /// libpq arguments for `dbname` on this server, over the unix socket, peer authentication.
+    /// `program` in `bin_dir`, or bare (found on PATH) without one.
+    pub fn tool_path(&self, program: &str) -> std::path::PathBuf {
+        self.bin_dir.as_ref().map_or_else(|| program.into(), |dir| dir.join(program))
+    }
+
     pub fn tool_args(&self, dbname: &str) -> Vec<String> {
         vec![
             format!("--host={}", self.socket_dir.display()),

@@ -168,7 +168,7 @@ pub fn stream_config(cfg: &Config) -> Result<StreamConfig, BackupError> {
     })
 }
 
-async fn tool_version(program: &str) -> String {
+async fn tool_version(program: &std::path::Path) -> String {
     match tokio::process::Command::new(program).arg("--version").output().await {
         Ok(o) => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_string(),
         Err(_) => String::new(),
@@ -274,11 +274,7 @@ pub async fn backup(
             let details = serde_json::json!({
                 "database": db, "row_counts": counts, "database_bytes": database_bytes, "owner": owner
             });
-            let version = tool_version(
-                &target.bin_dir.as_ref().map_or("pg_dump".into(), |d| d.join("pg_dump").display().to_string()),
-            )
-            .await;
-            ("pg_dump".to_string(), version, status, pending, details)
+            ("pg_dump".to_string(), tool_version(&target.tool_path("pg_dump")).await, status, pending, details)
         }
         Kind::Redis => {
             progress("redis: BGSAVE".into());
@@ -331,13 +327,7 @@ pub async fn backup(
                     return Err(BackupError::Setup(format!("base: {e}")));
                 }
             };
-            let version = tool_version(
-                &target
-                    .bin_dir
-                    .as_ref()
-                    .map_or("pg_basebackup".into(), |d| d.join("pg_basebackup").display().to_string()),
-            )
-            .await;
+            let version = tool_version(&target.tool_path("pg_basebackup")).await;
             ("pg_basebackup".to_string(), version, status, pending, details)
         }
     };
