@@ -259,6 +259,13 @@ log "RTO $rto s (firstboot $fb_s s, then services and API $start_s s)"
 s3cp() { bx env AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing /usr/bin/aws --endpoint-url http://127.0.0.1:5000 --region eu-west-1 s3 "$@"; }
 bx sh -c 'cat > /root/id.txt' <"$work/identity.txt"
 bx chmod 600 /root/id.txt
+# /root/plain KEY: an object of the bucket downloaded, decrypted and decompressed to stdout.
+bx sh -c "cat > /root/plain && chmod 700 /root/plain" <<EOF
+#!/bin/sh
+set -e
+AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing /usr/bin/aws --endpoint-url http://127.0.0.1:5000 --region eu-west-1 \\
+    s3 cp "s3://$bucket/\$1" - | age -d -i /root/id.txt | zstd -dq
+EOF
 day() { echo "${1:0:4}/${1:4:2}/${1:6:2}"; }
 base_key="caretaker/base/$(day "$base_id")/$base_id/data.zst.age"
 dump_key="caretaker/postgres/$(day "$dump_id")/$dump_id/data.zst.age"
@@ -268,7 +275,7 @@ echo 3 >/proc/sys/vm/drop_caches
 log "by hand b: the base backup downloaded, decrypted, unpacked"
 bx sh -c 'rm -rf /data/plain-b && mkdir -m 700 /data/plain-b && chown postgres: /data/plain-b'
 t=$(now)
-bx sh -c "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing /usr/bin/aws --endpoint-url http://127.0.0.1:5000 --region eu-west-1 s3 cp s3://$bucket/$base_key - | age -d -i /root/id.txt | zstd -d | runuser -u postgres -- tar -x -C /data/plain-b"
+bx sh -c "/root/plain $base_key | runuser -u postgres -- tar -x -C /data/plain-b"
 unpack_s=$(fmt "$(now) - $t" 1)
 bx rm -rf /data/plain-b
 echo 3 >/proc/sys/vm/drop_caches
@@ -276,7 +283,7 @@ echo 3 >/proc/sys/vm/drop_caches
 log "by hand a: the base backup and its WAL by hand, PostgreSQL recovers and accepts connections"
 bx sh -c 'rm -rf /data/plain-a /data/plain-wal && mkdir -m 700 /data/plain-a /data/plain-wal && chown postgres: /data/plain-a /data/plain-wal'
 t=$(now)
-bx sh -c "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing /usr/bin/aws --endpoint-url http://127.0.0.1:5000 --region eu-west-1 s3 cp s3://$bucket/$base_key - | age -d -i /root/id.txt | zstd -d | runuser -u postgres -- tar -x -C /data/plain-a"
+bx sh -c "/root/plain $base_key | runuser -u postgres -- tar -x -C /data/plain-a"
 # The base backup's timeline's segments from its start on (what box 2 replayed; the new box's own
 # timeline is archived there by now too, and left out), found with one listing, fetched with one command.
 includes=()
@@ -299,7 +306,7 @@ if [[ ${RTO_DUMP:-1} != 0 ]]; then
     echo 3 >/proc/sys/vm/drop_caches
     psql_box -c 'create database plain_c'
     t=$(now)
-    bx sh -c "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing /usr/bin/aws --endpoint-url http://127.0.0.1:5000 --region eu-west-1 s3 cp s3://$bucket/$dump_key - | age -d -i /root/id.txt | zstd -d | runuser -u postgres -- pg_restore -d plain_c --no-owner"
+    bx sh -c "/root/plain $dump_key | runuser -u postgres -- pg_restore -d plain_c --no-owner"
     dump_s=$(fmt "$(now) - $t" 1)
     psql_box -c 'drop database plain_c'
 fi
