@@ -80,8 +80,8 @@ async fn a_round_trip_decrypts_with_the_stock_tools_and_stores_no_plaintext() {
     .unwrap();
     assert!(child.wait().await.unwrap().success());
     assert!(pending.parts() >= 2, "{} parts", pending.parts());
-    let (plain_sha, stored_sha, stored_bytes) =
-        (pending.plain_sha256.clone(), pending.stored_sha256.clone(), pending.stored_bytes);
+    let (plain_digest, stored_sha, stored_bytes) =
+        (pending.plain_digest.clone(), pending.stored_sha256.clone(), pending.stored_bytes);
     pending.complete().await.unwrap();
 
     let stored = s3.get_object("backups", "caretaker/postgres/x/data.zst.age").await.unwrap().expect("object exists");
@@ -104,7 +104,7 @@ async fn a_round_trip_decrypts_with_the_stock_tools_and_stores_no_plaintext() {
     writer.join().unwrap().unwrap();
     assert!(age_d.wait().unwrap().success());
     assert!(zstd.status.success());
-    assert_eq!(hex::encode(Sha256::digest(&zstd.stdout)), plain_sha);
+    assert_eq!(caretaker::backup::digest::xxh3_128_hex(&zstd.stdout), plain_digest);
     assert!(zstd.stdout.ends_with(format!("{MARKER}\n").as_bytes()));
 }
 
@@ -172,7 +172,8 @@ async fn prune_keeps_the_retention_set_and_the_newest_verified_and_deletes_the_r
             producer_version: String::new(),
             producer_exit_status: 0,
             plain_bytes: 1,
-            plain_sha256: String::new(),
+            plain_sha256: "0".repeat(64),
+            plain_xxh3_128: String::new(),
             stored_bytes: 1,
             stored_sha256: format!("{day:064}"),
             header_sha256: "0".repeat(64),
@@ -224,7 +225,7 @@ async fn manifests_that_caretaker_did_not_write_where_they_are_are_ignored_and_n
         serde_json::json!({
             "schema": 1, "id": id, "kind": "postgres", "instance_id": "i-0", "started_at": "2026-11-22T03:00:00Z",
             "finished_at": "2026-11-22T03:00:00Z", "duration_ms": 1, "caretaker_version": "t", "producer": "pg_dump",
-            "producer_version": "", "producer_exit_status": 0, "plain_bytes": 1, "plain_sha256": "", "stored_bytes": 1,
+            "producer_version": "", "producer_exit_status": 0, "plain_bytes": 1, "plain_sha256": "0".repeat(64), "stored_bytes": 1,
             "stored_sha256": "", "header_sha256": "0".repeat(64), "parts": 1, "compression": {}, "encryption": {},
             "details": {}
         })
@@ -442,7 +443,11 @@ fn header_sha(stored: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_object_releases_no_plaintext_and_a_costly_passphrase_is_refused() {
-    use caretaker::backup::fetch::{Decryption, FetchError, fetch_into};
+    use caretaker::backup::digest::PlainDigest;
+    use caretaker::backup::fetch::{Decryption, Expect, FetchError, fetch_into};
+    fn expect(header_sha256: &str, plain: PlainDigest) -> Expect<'_> {
+        Expect { header_sha256, plain }
+    }
     let moto = Moto::start().unwrap();
     let s3 = bucket(&moto, "backups").await;
     let identity = age::x25519::Identity::generate();
@@ -453,19 +458,32 @@ async fn a_replaced_object_releases_no_plaintext_and_a_costly_passphrase_is_refu
             .await
             .unwrap();
     let header = pending.header_sha256.clone();
+    let pending_digest = pending.plain_digest.clone();
     pending.complete().await.unwrap();
     assert_eq!(header, header_sha(&s3.get_object("backups", key).await.unwrap().unwrap()));
     let ids = || Decryption::Identities(vec![identity.clone()]);
     let mut sink = Vec::new();
-    fetch_into(&s3, "backups", key, &header, ids(), &mut sink, |_, _| {}).await.unwrap();
+    let fetched = fetch_into(&s3, "backups", key, expect(&header, PlainDigest::CURRENT), ids(), &mut sink, |_, _| {})
+        .await
+        .unwrap();
     assert!(sink.starts_with(b"1\n2\n"));
+    assert_eq!(fetched.plain_digest, pending_digest);
+    assert_eq!(fetched.plain_digest, caretaker::backup::digest::xxh3_128_hex(&sink));
+    // A schema-1 manifest's backup is checked with SHA-256, as it was made.
+    let mut again = Vec::new();
+    let old = fetch_into(&s3, "backups", key, expect(&header, PlainDigest::Sha256), ids(), &mut again, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((old.plain_digest, again), (hex::encode(Sha256::digest(&sink)), sink.clone()));
 
     // Whoever holds the public recipient replaces the object with another valid one: not one byte
     // of it reaches the sink (pg_restore's stdin, in a restore).
     let forged = age_encrypt(&identity.to_public(), b"COPY x TO PROGRAM 'id';\n");
     s3.put_object("backups", key, forged).await.unwrap();
     let mut sink = Vec::new();
-    let err = fetch_into(&s3, "backups", key, &header, ids(), &mut sink, |_, _| {}).await.unwrap_err();
+    let err = fetch_into(&s3, "backups", key, expect(&header, PlainDigest::CURRENT), ids(), &mut sink, |_, _| {})
+        .await
+        .unwrap_err();
     assert!(matches!(err, FetchError::Damaged(_)) && err.to_string().contains("replaced"), "{err}");
     assert!(sink.is_empty(), "plaintext released: {:?}", String::from_utf8_lossy(&sink));
 
@@ -480,7 +498,7 @@ async fn a_replaced_object_releases_no_plaintext_and_a_costly_passphrase_is_refu
         &s3,
         "backups",
         "caretaker/redis/y/data.zst.age",
-        &header_sha(&stored),
+        expect(&header_sha(&stored), PlainDigest::CURRENT),
         Decryption::Passphrase(pass.clone()),
         Vec::new(),
         |_, _| {},
@@ -495,9 +513,17 @@ async fn a_replaced_object_releases_no_plaintext_and_a_costly_passphrase_is_refu
     s3.put_object("backups", "caretaker/redis/y/data.zst.age", stored.clone()).await.unwrap();
     let mut sink = Vec::new();
     let key = "caretaker/redis/y/data.zst.age";
-    fetch_into(&s3, "backups", key, &header_sha(&stored), Decryption::Passphrase(pass), &mut sink, |_, _| {})
-        .await
-        .unwrap();
+    fetch_into(
+        &s3,
+        "backups",
+        key,
+        expect(&header_sha(&stored), PlainDigest::CURRENT),
+        Decryption::Passphrase(pass),
+        &mut sink,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(sink, b"data");
 }
 

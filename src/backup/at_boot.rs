@@ -290,9 +290,10 @@ async fn restore_redis_rdb(
             .map_err(|e| format!("{}: {e}", download.display()))?;
         let decryption = super::fetch::decryption(cfg).map_err(|e| e.to_string())?;
         let mut w = tokio::io::BufWriter::new(tokio::fs::File::from_std(f));
-        let fetched = super::fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, &mut w, |_, _| {})
-            .await
-            .map_err(|e| e.to_string())?;
+        let fetched =
+            super::fetch::fetch_into(s3, &bucket, &key, super::fetch::Expect::of(&m), decryption, &mut w, |_, _| {})
+                .await
+                .map_err(|e| e.to_string())?;
         let f = w.into_inner();
         f.sync_all().await.map_err(|e| e.to_string())?;
         let problems = super::fetch::check(&m, &fetched);

@@ -1,11 +1,11 @@
 //! The way back: S3 → age → zstd → a sink (pg_restore's stdin, a file, or nothing for a hash-only
-//! check), in bounded memory and hashing as it goes: SHA-256 of the stored bytes and of the
-//! plaintext, compared with the manifest by [`check`].
+//! check), in bounded memory and hashing as it goes: SHA-256 of the stored bytes and the
+//! plaintext's digest (`super::digest`: XXH3-128, or SHA-256 for schema-1 manifests), compared
+//! with the manifest by [`check`].
 //!
 //! ```text
-//! download task ──stored chunks (bounded)──▶ decoder thread: sha256(stored), age, zstd
+//! download task ──stored chunks (bounded)──▶ decoder thread: sha256(stored), age, zstd, xxh3(plain)
 //!                                             ──plain chunks (bounded)──▶ the sink
-//!                                             ──the same chunks (bounded)──▶ hasher thread: sha256(plain)
 //! ```
 //! age authenticates every 64 KiB chunk, so an altered byte fails the stream at that chunk, before
 //! the sink has seen anything after it; the hashes catch the rest (a different but valid object).
@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::digest::PlainDigest;
 use super::run::{BackupError, Manifest};
 use crate::aws::s3::{S3, S3Error};
 use crate::config::Config;
@@ -69,7 +70,8 @@ pub struct Fetched {
     pub stored_bytes: u64,
     pub stored_sha256: String,
     pub plain_bytes: u64,
-    pub plain_sha256: String,
+    /// The plaintext's digest, of the kind the manifest records (`Manifest::plain_digest`).
+    pub plain_digest: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,15 +219,29 @@ pub(in crate::backup) fn open_age<R: Read>(
     }
 }
 
+/// What the sealed manifest says of an object before it is read: its age header's hash (checked
+/// before any plaintext is released) and which digest of the plaintext to compute.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    pub header_sha256: &'a str,
+    pub plain: PlainDigest,
+}
+
+impl<'a> Expect<'a> {
+    pub fn of(m: &'a Manifest) -> Self {
+        Expect { header_sha256: &m.header_sha256, plain: m.plain_digest().0 }
+    }
+}
+
 /// Streams `s3://bucket/key` through decryption and decompression into `sink`; `progress` gets
 /// (stored bytes, plaintext bytes) as it goes. The sink is flushed and shut down at the end.
-/// Nothing reaches the sink unless the object's age header hashes to `header_sha256` (from the
-/// sealed manifest).
+/// Nothing reaches the sink unless the object's age header hashes to `expect.header_sha256` (from
+/// the sealed manifest).
 pub async fn fetch_into<W>(
     s3: &S3,
     bucket: &str,
     key: &str,
-    header_sha256: &str,
+    expect: Expect<'_>,
     decryption: Decryption,
     mut sink: W,
     progress: impl Fn(u64, u64) + Send,
@@ -238,7 +254,8 @@ where
         .await?
         .ok_or_else(|| FetchError::NotFound { bucket: bucket.into(), key: key.into() })?;
     let (in_tx, in_rx) = mpsc::channel::<Result<Bytes, String>>(8);
-    let expected_header = header_sha256.to_string();
+    let expected_header = expect.header_sha256.to_string();
+    let plain_digest = expect.plain;
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(4);
 
     let download = tokio::spawn(async move {
@@ -269,9 +286,8 @@ where
         let plain_out = {
             let decrypted = open_age(&mut reader, &decryption)?;
             let mut z = zstd::stream::read::Decoder::new(decrypted).map_err(|e| FetchError::Damaged(e.to_string()))?;
-            // The plaintext hash on a thread of its own, beside decryption and decompression.
-            let (hash_tx, hash_rx) = mpsc::channel::<Bytes>(4);
-            let hasher = std::thread::spawn(move || super::stream::hash_chunks(hash_rx));
+            let mut plain = plain_digest.hasher();
+            let mut plain_bytes = 0u64;
             let mut buf = BytesMut::new();
             loop {
                 // Read needs initialised memory: one zero-fill per chunk, small next to zstd.
@@ -282,16 +298,14 @@ where
                 }
                 buf.truncate(n);
                 let chunk = buf.split().freeze();
-                if hash_tx.blocking_send(chunk.clone()).is_err() {
-                    return Err(FetchError::Damaged("the hasher thread stopped".into()));
-                }
+                plain.update(&chunk);
+                plain_bytes += n as u64;
                 if out_tx.blocking_send(chunk).is_err() {
                     // The sink side stopped (its error is reported there).
                     return Err(FetchError::Sink(io::Error::other("the consumer stopped reading")));
                 }
             }
-            drop(hash_tx);
-            hasher.join().map_err(|_| FetchError::Damaged("the hasher thread panicked".into()))?
+            (plain_bytes, plain.finish())
         };
         // Whatever follows the end of the age stream still counts for the stored hash.
         io::copy(&mut reader, &mut io::sink()).map_err(|e| FetchError::Damaged(e.to_string()))?;
@@ -299,7 +313,7 @@ where
             stored_bytes: reader.total,
             stored_sha256: hex::encode(reader.hash.finalize()),
             plain_bytes: plain_out.0,
-            plain_sha256: plain_out.1,
+            plain_digest: plain_out.1,
         })
     });
 
@@ -334,11 +348,44 @@ pub fn check(m: &Manifest, f: &Fetched) -> Vec<String> {
             f.stored_bytes, f.stored_sha256, m.stored_bytes, m.stored_sha256
         ));
     }
-    if f.plain_sha256 != m.plain_sha256 || f.plain_bytes != m.plain_bytes {
+    let (kind, digest) = m.plain_digest();
+    if f.plain_digest != digest || f.plain_bytes != m.plain_bytes {
         problems.push(format!(
-            "restored data: {} bytes, sha256 {} — the manifest says {} bytes, sha256 {}",
-            f.plain_bytes, f.plain_sha256, m.plain_bytes, m.plain_sha256
+            "restored data: {} bytes, {name} {} — the manifest says {} bytes, {name} {digest}",
+            f.plain_bytes,
+            f.plain_digest,
+            m.plain_bytes,
+            name = kind.name()
         ));
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plaintext_is_checked_with_the_digest_its_manifest_records() {
+        let mut m = crate::backup::run::tests::manifest(2, "x");
+        m.plain_xxh3_128 = crate::backup::digest::xxh3_128_hex(b"abc");
+        let mut f = Fetched {
+            stored_bytes: m.stored_bytes,
+            stored_sha256: m.stored_sha256.clone(),
+            plain_bytes: 3,
+            plain_digest: m.plain_xxh3_128.clone(),
+        };
+        assert!(check(&m, &f).is_empty());
+        f.plain_digest = crate::backup::digest::xxh3_128_hex(b"abd");
+        let problems = check(&m, &f);
+        assert!(problems.len() == 1 && problems[0].contains("restored data") && problems[0].contains("xxh3-128"));
+        // Schema 1: SHA-256, even if a (stray) XXH3 is there too.
+        m.schema = 1;
+        m.plain_sha256 = hex::encode(Sha256::digest(b"abc"));
+        assert_eq!(check(&m, &f).len(), 1, "the xxh3 field is not what schema 1 checks");
+        f.plain_digest = m.plain_sha256.clone();
+        assert!(check(&m, &f).is_empty());
+        f.plain_bytes = 4;
+        assert!(check(&m, &f)[0].contains("sha256"));
+    }
 }

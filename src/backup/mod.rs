@@ -6,6 +6,8 @@ pub mod alerts;
 pub mod at_boot;
 /// Physical base backups (pg_basebackup), the start of point-in-time recovery.
 pub mod base;
+/// The plaintext's digest (XXH3-128; SHA-256 in schema-1 manifests) and why it need not be cryptographic.
+pub mod digest;
 /// A cluster built from a logical dump (the restore at boot without base backups).
 pub mod dump_build;
 /// Exact row counts read from pg_dump's stream as it passes.

@@ -437,7 +437,7 @@ async fn build_in(
     let err_task = crate::pg::collect_stderr(tar.stderr.take());
     let clock = Instant::now();
     let fetched =
-        fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, fetch::decryption(cfg)?, stdin, |_, _| {}).await;
+        fetch::fetch_into(s3, &bucket, &key, fetch::Expect::of(m), fetch::decryption(cfg)?, stdin, |_, _| {}).await;
     let status = tar.wait().await.map_err(|e| fail(format!("waiting for tar: {e}")))?;
     let tar_err = err_task.await.unwrap_or_default();
     let fetched = fetched.map_err(|e| fail(format!("base backup {}: {e}", m.id)))?;

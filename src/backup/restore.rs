@@ -364,7 +364,7 @@ pub async fn restore_redis(
         let f = tokio::fs::File::from_std(f);
         let decryption = fetch::decryption(cfg).map_err(VerifyError::from)?;
         let mut w = tokio::io::BufWriter::new(f);
-        let fetched = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, &mut w, |_, _| {})
+        let fetched = fetch::fetch_into(s3, &bucket, &key, fetch::Expect::of(&m), decryption, &mut w, |_, _| {})
             .await
             .map_err(VerifyError::from)?;
         let mut f = w.into_inner();

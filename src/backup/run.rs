@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::digest::PlainDigest;
 use super::postgres::{Snapshot, count_workers, pg_dump_args};
 use super::seal::SealKeys;
 use super::stream::{Encryption, StreamConfig, upload};
@@ -81,7 +82,12 @@ pub struct Manifest {
     pub producer_version: String,
     pub producer_exit_status: i32,
     pub plain_bytes: u64,
+    /// Schema 1: the plaintext's SHA-256. Empty from schema 2 on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plain_sha256: String,
+    /// Schema 2: the plaintext's XXH3-128 (`super::digest`: why it need not be cryptographic).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plain_xxh3_128: String,
     pub stored_bytes: u64,
     pub stored_sha256: String,
     /// SHA-256 of the stored object's age header and nonce: checked before any plaintext is
@@ -93,6 +99,21 @@ pub struct Manifest {
     pub encryption: serde_json::Value,
     /// postgres: `{"database": …, "row_counts": {table: n}}`; redis: `{"dbsize": n}`.
     pub details: serde_json::Value,
+}
+
+/// The manifest schema this caretaker writes (2: the plaintext digest is XXH3-128) and the
+/// newest it reads (a newer one is refused by name, never half-read).
+pub const MANIFEST_SCHEMA: u32 = 2;
+
+impl Manifest {
+    /// Which digest of the plaintext this manifest records, and the digest.
+    pub fn plain_digest(&self) -> (PlainDigest, &str) {
+        if self.schema >= 2 {
+            (PlainDigest::Xxh3_128, &self.plain_xxh3_128)
+        } else {
+            (PlainDigest::Sha256, &self.plain_sha256)
+        }
+    }
 }
 
 /// `20261122T030000Z-a1b2c3`: sorts by time, to the millisecond — the suffix's top 10 bits are
@@ -332,7 +353,7 @@ pub async fn backup(
         }
     };
     let manifest = Manifest {
-        schema: 1,
+        schema: MANIFEST_SCHEMA,
         id: id.clone(),
         kind,
         instance_id: instance_id.to_string(),
@@ -344,7 +365,8 @@ pub async fn backup(
         producer_version,
         producer_exit_status: status.code().unwrap_or(0),
         plain_bytes: pending.plain_bytes,
-        plain_sha256: pending.plain_sha256.clone(),
+        plain_sha256: String::new(),
+        plain_xxh3_128: pending.plain_digest.clone(),
         stored_bytes: pending.stored_bytes,
         stored_sha256: pending.stored_sha256.clone(),
         header_sha256: pending.header_sha256.clone(),
@@ -353,14 +375,20 @@ pub async fn backup(
         encryption: stream_cfg.encryption.describe(),
         details,
     };
+    // S3 assembles the parts into the object here, after the last byte went up: its time, said
+    // apart (on AWS well under a second; an emulator on the same machine may copy every byte).
+    let assembling = Instant::now();
     pending.complete().await?;
+    let assembled = assembling.elapsed();
     s3.put_object(&bucket, &format!("{folder}{MANIFEST}"), keys.seal(&manifest)).await?;
     progress(format!(
-        "{}: backup {id} complete: {} → {} stored in {:.2} s, {}",
+        "{}: backup {id} complete: {} → {} stored in {:.2} s ({:.2} s of it S3 assembling {} parts), {}",
         kind.as_str(),
         crate::units::human_bytes(manifest.plain_bytes),
         crate::units::human_bytes(manifest.stored_bytes),
         clock.elapsed().as_secs_f64(),
+        assembled.as_secs_f64(),
+        manifest.parts,
         crate::units::human_rate(manifest.plain_bytes, clock.elapsed())
     ));
     Ok(manifest)
@@ -473,8 +501,18 @@ pub fn accept(keys: &SealKeys, kind: Kind, id: &str, bytes: &[u8]) -> Result<Man
     if m.id != id || m.kind != kind {
         return Err(format!("it says it is {} backup {}", m.kind.as_str(), m.id.escape_debug()));
     }
+    if m.schema == 0 || m.schema > MANIFEST_SCHEMA {
+        return Err(format!(
+            "its schema is {}; this caretaker reads schemas 1 to {MANIFEST_SCHEMA} (a newer caretaker wrote it: upgrade to restore it)",
+            m.schema
+        ));
+    }
     if m.header_sha256.len() != 64 {
         return Err("it records no age header hash".into());
+    }
+    let (kind, digest) = m.plain_digest();
+    if !super::digest::well_formed(kind, digest) {
+        return Err(format!("it records no {} of the plaintext", kind.name()));
     }
     Ok(m)
 }
@@ -645,7 +683,7 @@ pub fn row_counts(m: &Manifest) -> BTreeMap<String, i64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -665,5 +703,63 @@ mod tests {
             }
         }
         assert!(valid_id(&new_id(t + std::time::Duration::from_millis(999))));
+    }
+
+    pub(crate) fn manifest(schema: u32, id: &str) -> Manifest {
+        Manifest {
+            schema,
+            id: id.into(),
+            kind: Kind::Postgres,
+            instance_id: "i-0".into(),
+            started_at: "2026-11-22T03:00:00Z".into(),
+            finished_at: "2026-11-22T03:00:01Z".into(),
+            duration_ms: 1000,
+            caretaker_version: "t".into(),
+            producer: "pg_dump".into(),
+            producer_version: "16".into(),
+            producer_exit_status: 0,
+            plain_bytes: 3,
+            plain_sha256: String::new(),
+            plain_xxh3_128: String::new(),
+            stored_bytes: 1,
+            stored_sha256: "0".repeat(64),
+            header_sha256: "0".repeat(64),
+            parts: 1,
+            compression: serde_json::json!({}),
+            encryption: serde_json::json!({}),
+            details: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn manifests_of_both_schemas_are_read_with_their_own_digest_and_newer_ones_refused_by_name() {
+        let keys = SealKeys::from_secrets([b"secret".as_slice()]);
+        let id = new_id(humantime::parse_rfc3339("2026-11-22T03:00:00Z").unwrap());
+        // Schema 1 (before XXH3): SHA-256 of the plaintext.
+        let mut old = manifest(1, &id);
+        old.plain_sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"abc"));
+        let read = accept(&keys, Kind::Postgres, &id, &keys.seal(&old)).unwrap();
+        assert_eq!(read.plain_digest(), (PlainDigest::Sha256, old.plain_sha256.as_str()));
+        // What this caretaker writes: schema 2, XXH3-128, and no plain_sha256 key at all.
+        let mut new = manifest(MANIFEST_SCHEMA, &id);
+        new.plain_xxh3_128 = super::super::digest::xxh3_128_hex(b"abc");
+        let doc = serde_json::to_value(&new).unwrap();
+        assert!(doc.get("plain_sha256").is_none() && doc["plain_xxh3_128"].as_str().unwrap().len() == 32);
+        let read = accept(&keys, Kind::Postgres, &id, &keys.seal(&new)).unwrap();
+        assert_eq!(read.plain_digest(), (PlainDigest::Xxh3_128, new.plain_xxh3_128.as_str()));
+        // A schema-2 manifest with only a SHA-256 (or none) names no digest this schema checks.
+        let mut wrong = manifest(2, &id);
+        wrong.plain_sha256 = old.plain_sha256.clone();
+        let err = accept(&keys, Kind::Postgres, &id, &keys.seal(&wrong)).unwrap_err();
+        assert!(err.contains("no xxh3-128 of the plaintext"), "{err}");
+        let err = accept(&keys, Kind::Postgres, &id, &keys.seal(&manifest(1, &id))).unwrap_err();
+        assert!(err.contains("no sha256 of the plaintext"), "{err}");
+        // A newer caretaker's manifest is refused, saying so, whatever else it holds.
+        let mut newer = new.clone();
+        newer.schema = MANIFEST_SCHEMA + 1;
+        let err = accept(&keys, Kind::Postgres, &id, &keys.seal(&newer)).unwrap_err();
+        assert!(err.contains("schema is 3") && err.contains("newer caretaker"), "{err}");
+        let err = accept(&keys, Kind::Postgres, &id, &keys.seal(&manifest(0, &id))).unwrap_err();
+        assert!(err.contains("schema is 0"), "{err}");
     }
 }

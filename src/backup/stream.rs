@@ -2,10 +2,12 @@
 //! touching local disk.
 //!
 //! ```text
-//! reader task ──chunks (bounded)──▶ hasher thread: sha256(plain)
-//!             ──the same chunks──▶ encoder thread: zstd, age, sha256(stored), cut parts
-//!                                     ──parts (bounded)──▶ uploader: ≤ N UploadPart in flight
+//! reader task: xxh3(plain) ──chunks (bounded)──▶ encoder thread: zstd, age, sha256(stored), cut parts
+//!                                                   ──parts (bounded)──▶ uploader: ≤ N UploadPart in flight
 //! ```
+//! Two passes hash the bytes, each once: the plaintext's XXH3-128 (`super::digest`: a check on
+//! the pipeline, ~6 GB/s) in the reader, and the stored bytes' SHA-256 (what the sealed manifest
+//! binds) in the encoder. Over TLS the SDK adds only a CRC32 per part (`S3::with_unsigned_parts`).
 //! Memory is bounded by `part_size × (parts_in_flight + 2)` plus small chunk buffers, whatever
 //! the size of the input. Parts grow (×2 every 1,000 parts) so no stream reaches S3's 10,000-part
 //! limit. The upload is left *pending*: the caller completes it only after the producer exited 0
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::warn;
 
+use super::digest::PlainDigest;
 use crate::aws::s3::{S3, S3Error};
 
 /// S3's smallest part (except the last).
@@ -111,7 +114,8 @@ pub struct PendingUpload {
     upload_id: String,
     etags: Vec<String>,
     pub plain_bytes: u64,
-    pub plain_sha256: String,
+    /// [`super::digest::PlainDigest::CURRENT`] of the plaintext.
+    pub plain_digest: String,
     pub stored_bytes: u64,
     pub stored_sha256: String,
     /// SHA-256 of the age header and payload nonce (see [`age_prefix_len`]).
@@ -191,18 +195,6 @@ impl Write for PartWriter {
     }
 }
 
-/// The length and SHA-256 (hex) of every chunk `rx` yields until its senders are gone: the
-/// plaintext hash, run on a thread of its own beside the encoder or the decoder (a blocking call).
-pub(super) fn hash_chunks(mut rx: mpsc::Receiver<Bytes>) -> (u64, String) {
-    let mut hash = Sha256::new();
-    let mut bytes = 0u64;
-    while let Some(chunk) = rx.blocking_recv() {
-        hash.update(&chunk);
-        bytes += chunk.len() as u64;
-    }
-    (bytes, hex::encode(hash.finalize()))
-}
-
 /// Streams `source` into `s3://bucket/key` and leaves the upload pending. `progress(plaintext
 /// bytes read, stored bytes, parts uploaded)` is called as parts finish.
 pub async fn upload<R>(
@@ -221,10 +213,6 @@ where
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Bytes>(4);
     // One finished part waits while N upload and the encoder fills the next: N + 2 parts at most.
     let (part_tx, mut part_rx) = mpsc::channel::<Bytes>(1);
-
-    // Hasher thread: SHA-256 of the plaintext, beside the encoder (a core of its own when there is one).
-    let (hash_tx, hash_rx) = mpsc::channel::<Bytes>(4);
-    let hasher = tokio::task::spawn_blocking(move || hash_chunks(hash_rx));
 
     // Encoder thread: plaintext chunks in, parts out.
     let enc_cfg = cfg.clone();
@@ -254,11 +242,12 @@ where
     });
 
     // Reader: the producer's output in full chunks (read into uninitialised capacity: no zeroing),
-    // each to the hasher and the encoder (the same bytes, shared).
+    // hashed (XXH3: ~40 µs a chunk) and handed to the encoder.
     let read_so_far = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let read_counter = read_so_far.clone();
     let reader = tokio::spawn(async move {
         let mut total = 0u64;
+        let mut plain = PlainDigest::CURRENT.hasher();
         let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
             let mut eof = false;
@@ -273,12 +262,14 @@ where
                 read_counter.store(total, std::sync::atomic::Ordering::Relaxed);
                 let chunk = buf.split().freeze();
                 buf.reserve(CHUNK);
-                if hash_tx.send(chunk.clone()).await.is_err() || chunk_tx.send(chunk).await.is_err() {
-                    return Ok(total);
+                plain.update(&chunk);
+                if chunk_tx.send(chunk).await.is_err() {
+                    // The encoder failed: its error is the one reported.
+                    return Ok((total, String::new()));
                 }
             }
             if eof {
-                return Ok::<u64, io::Error>(total);
+                return Ok::<(u64, String), io::Error>((total, plain.finish()));
             }
         }
     });
@@ -346,14 +337,12 @@ where
     }
     let read = reader.await.map_err(|e| StreamError::Encode(e.to_string()));
     let encoded = encoder.await.map_err(|e| StreamError::Encode(e.to_string()));
-    let hashed = hasher.await.map_err(|e| StreamError::Encode(e.to_string()));
-    let result = match (failure, read, encoded, hashed) {
-        (Some(f), _, _, _) => Err(f),
-        (None, Err(e), _, _) | (None, _, Err(e), _) | (None, _, _, Err(e)) => Err(e),
-        (None, Ok(Err(e)), _, _) => Err(StreamError::Read(e)),
-        (None, _, Ok(Err(e)), _) => Err(StreamError::Encode(e)),
-        (None, Ok(Ok(read)), Ok(Ok((stored_bytes, stored_sha256, header_sha256))), Ok((plain_bytes, plain_sha256))) => {
-            debug_assert_eq!(read, plain_bytes);
+    let result = match (failure, read, encoded) {
+        (Some(f), _, _) => Err(f),
+        (None, Err(e), _) | (None, _, Err(e)) => Err(e),
+        (None, Ok(Err(e)), _) => Err(StreamError::Read(e)),
+        (None, _, Ok(Err(e))) => Err(StreamError::Encode(e)),
+        (None, Ok(Ok((plain_bytes, plain_digest))), Ok(Ok((stored_bytes, stored_sha256, header_sha256)))) => {
             let etags: Option<Vec<String>> = etags.into_iter().collect();
             match etags {
                 Some(etags) if etags.len() <= MAX_PARTS => Ok(PendingUpload {
@@ -363,7 +352,7 @@ where
                     upload_id: upload_id.clone(),
                     etags,
                     plain_bytes,
-                    plain_sha256,
+                    plain_digest,
                     stored_bytes,
                     stored_sha256,
                     header_sha256,

@@ -158,7 +158,7 @@ async fn load_into(
     ));
     let total = m.plain_bytes;
     let last = std::sync::Mutex::new((Instant::now(), 0u64));
-    let fetching = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, decryption, stdin, |_, plain| {
+    let fetching = fetch::fetch_into(s3, &bucket, &key, fetch::Expect::of(m), decryption, stdin, |_, plain| {
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         if (last.0.elapsed() < Duration::from_secs(2) && plain < total) || plain == last.1 {
             return;
@@ -230,7 +230,7 @@ async fn table_of_contents(
     let stdin = child.stdin.take().expect("piped");
     let out_task = crate::pg::collect_stdout(child.stdout.take(), 16 << 20);
     let err_task = crate::pg::collect_stderr(child.stderr.take());
-    match fetch::fetch_into(s3, bucket, key, &m.header_sha256, decryption, stdin, |_, _| {}).await {
+    match fetch::fetch_into(s3, bucket, key, fetch::Expect::of(m), decryption, stdin, |_, _| {}).await {
         // pg_restore stopped reading once it had the table of contents.
         Ok(_) | Err(fetch::FetchError::Sink(_)) => {}
         Err(e) => {
@@ -438,7 +438,7 @@ pub async fn verify_with(
                 let key = format!("{}{DATA}", run::folder(&cfg.backup.prefix, Kind::Redis, &m.id));
                 progress(format!("redis: downloading and decrypting backup {}", m.id));
                 let mut sink = HeadSink { head: Vec::new() };
-                let fetched = fetch::fetch_into(s3, &bucket, &key, &m.header_sha256, fetch::decryption(cfg)?, &mut sink, |_, _| {})
+                let fetched = fetch::fetch_into(s3, &bucket, &key, fetch::Expect::of(m), fetch::decryption(cfg)?, &mut sink, |_, _| {})
                         .await?;
                 let mut problems = fetch::check(m, &fetched);
                 if !sink.head.starts_with(b"REDIS") {
