@@ -7,25 +7,36 @@
 # the S3 server). Phases, each with the same load:
 #   idle              nothing else running (IDLE_SECONDS, default 60), after 30 s of the same load
 #                     unmeasured (the API's working set in PostgreSQL's buffers); again at the end
-#   caretaker         caretaker backup now --kind postgres, resource controls as configured ([jobs])
-#   caretaker, none   the same backup with [jobs] nice = 0, cpu-weight = 100: no resource controls
+# then ROUNDS (default 3) rounds of, in turn:
+#   idle              ROUND_IDLE_SECONDS (20) of nothing else
+#   caretaker         caretaker backup now --kind postgres, resource controls as shipped ([jobs]
+#                     nice = 10, sched-idle = true, cpu-weight = 10)
+#   caretaker, nice   the same backup with [jobs] sched-idle = false (nice and weights only)
+#   caretaker, none   the same backup with [jobs] nice = 0, sched-idle = false, cpu-weight = 100
+# (each phase's requests pooled over the rounds: one backup is ~500 requests, whose p99 is its
+# fifth-slowest, and idle p99 drifts over a run; interleaving and pooling answer both), then:
 #   drill             caretaker backup verify (download, decrypt, pg_restore into a scratch database,
 #                     compare row counts), resource controls as configured
 #   restic            pg_dump -Fc | restic backup --stdin (Debian's restic, repository on the same S3)
 #   pgbench           pgbench writes at PGBENCH_RATE tps for PGBENCH_SECONDS, WAL archived by caretaker
 #                     (the streaming archive_command) — and the same writes with archiving off
 # Printed per phase: seconds, requests, errors, p50/p99/max latency (ms, from each request's due
-# time), p99 ÷ idle p99, and the slowest `caretaker status` (one a second, through dev/lab exec,
-# which adds its own ~10 ms) during the phase. Target: caretaker's backup p99 ≤ 1.25 × idle p99 with 0 errors.
+# time), p99 ÷ idle p99 (the rounds' phases ÷ the rounds' pooled idle, the others ÷ the first
+# idle), and the slowest `caretaker status` (one a second, through dev/lab exec, which adds its
+# own ~10 ms) during the phase; then each round's p99 ratios (the spread).
+# Target: caretaker's backup p99 ≤ 1.25 × idle p99 with 0 errors.
 # Usage: bench/contention.sh [GIB]   (as root, after dev/setup; 1 GiB: ~15 min)
 # Environment: RATE (requests/s, default 50), THREADS (load threads, 32), IDLE_SECONDS (60),
-#   PGBENCH_RATE (200), PGBENCH_SECONDS (60), BENCH_ROWS (zmanim rows instead of GIB's).
+#   PGBENCH_RATE (200), PGBENCH_SECONDS (60), BENCH_ROWS (zmanim rows instead of GIB's), ROUNDS (3),
+#   ROUND_IDLE_SECONDS (20).
 gb=${1:-1}
 rate=${RATE:-50}
 threads=${THREADS:-32}
 idle_seconds=${IDLE_SECONDS:-60}
 pgbench_rate=${PGBENCH_RATE:-200}
 pgbench_seconds=${PGBENCH_SECONDS:-60}
+rounds=${ROUNDS:-3}
+round_idle=${ROUND_IDLE_SECONDS:-20}
 export PGBOX_CPUS=1
 source "$(dirname "$0")/lib/pgbox.sh" "$gb"
 mkdir -p "$work/s3/restic"
@@ -47,7 +58,7 @@ load_during() {
     local name=$1 t
     shift
     rm -f "$work/stop"
-    STEADY_MAX_ID=$max_id on_host nsenter -t "$pid1" -n -- python3 bench/lib/steady.py 127.0.0.1 8080 "$rate" "$threads" "$work/stop" >"$work/$name.json" &
+    STEADY_MAX_ID=$max_id STEADY_RAW=$work/$name.raw on_host nsenter -t "$pid1" -n -- python3 bench/lib/steady.py 127.0.0.1 8080 "$rate" "$threads" "$work/stop" >"$work/$name.json" &
     local loader=$!
     # Beside it, once a second: how long `caretaker status` takes (the daemon stays responsive).
     ( max=0; while [[ ! -e $work/stop ]]; do s=$(now); in_box caretaker status >/dev/null 2>&1 || true
@@ -76,14 +87,26 @@ echo "warming up the API's working set (the load for 30 s, unmeasured)..." >&2
 load_during warm sleep 30
 echo "idle (${idle_seconds} s)..." >&2
 load_during idle sleep "$idle_seconds"
-echo "caretaker backup (resource controls as configured)..." >&2
-load_during caretaker in_box caretaker backup now --kind postgres
-echo "caretaker backup without resource controls..." >&2
-in_box sh -c 'printf "[jobs]\nnice = 0\ncpu-weight = 100\nio-weight = 100\n" > /etc/caretaker/caretaker.d/70-no-controls.toml'
-restart_daemon
-load_during no-controls in_box caretaker backup now --kind postgres
-in_box rm /etc/caretaker/caretaker.d/70-no-controls.toml
-restart_daemon
+# with_jobs NAME TOML: the daemon restarted with [jobs] TOML (empty: as shipped).
+with_jobs() {
+    if [[ -n $1 ]]; then
+        in_box sh -c "printf '[jobs]\n$1\n' > /etc/caretaker/caretaker.d/70-bench-jobs.toml"
+    else
+        in_box rm -f /etc/caretaker/caretaker.d/70-bench-jobs.toml
+    fi
+    restart_daemon
+    sleep 3
+}
+for r in $(seq "$rounds"); do
+    echo "round $r of $rounds: idle ${round_idle} s, then the backup as shipped, with nice only, without controls..." >&2
+    load_during "r$r-idle" sleep "$round_idle"
+    load_during "r$r-caretaker" in_box caretaker backup now --kind postgres
+    with_jobs 'sched-idle = false'
+    load_during "r$r-nice" in_box caretaker backup now --kind postgres
+    with_jobs 'nice = 0\nsched-idle = false\ncpu-weight = 100\nio-weight = 100'
+    load_during "r$r-none" in_box caretaker backup now --kind postgres
+    with_jobs ''
+done
 echo "drill..." >&2
 load_during drill in_box caretaker backup verify
 echo "restic..." >&2
@@ -114,25 +137,59 @@ echo "idle again (${idle_seconds} s)..." >&2
 load_during idle-after sleep "$idle_seconds"
 
 field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])).get(sys.argv[2]); print("-" if v is None else v)' "$work/$1.json" "$2"; }
-idle_p99=$(field idle p99_ms)
-row() {
-    local name=$1 label=$2 p99
-    [[ -s $work/$name.json ]] || return 0
-    p99=$(field "$name" p99_ms)
-    printf '  %-26s %7ss %9s %7s %8s %8s %8s %9s %10s\n' "$label" "$(cat "$work/$name.seconds")" "$(field "$name" requests)" \
-        "$(field "$name" errors)" "$(field "$name" p50_ms)" "$p99" "$(field "$name" max_ms)" "$(ratio "$p99" "$idle_p99")" \
-        "$(cat "$work/$name.status" 2>/dev/null || echo -)"
+# pooled NAME...: "seconds requests errors p50 p99 max status" over the phases NAME (their raw
+# latencies together; seconds and errors summed, status the slowest).
+pooled() {
+    python3 - "$work" "$@" <<'PY'
+import json, sys
+work, names = sys.argv[1], sys.argv[2:]
+lat, errors, seconds, status = [], 0, 0.0, 0
+for n in names:
+    try:
+        lat += [float(x) for x in open(f"{work}/{n}.raw")]
+        errors += json.load(open(f"{work}/{n}.json"))["errors"]
+        seconds += float(open(f"{work}/{n}.seconds").read())
+        status = max(status, int(open(f"{work}/{n}.status").read() or 0))
+    except FileNotFoundError:
+        pass
+lat.sort()
+pct = lambda p: "%.2f" % lat[min(len(lat) - 1, int(len(lat) * p))] if lat else "-"
+print("%.1f %d %d %s %s %s %d" % (seconds, len(lat) + errors, errors, pct(0.5), pct(0.99), pct(1.0), status))
+PY
 }
+# row LABEL IDLE_P99 NAME...: one line for the phases NAME pooled.
+row() {
+    local label=$1 base=$2 secs reqs errs p50 p99 max status
+    shift 2
+    read -r secs reqs errs p50 p99 max status <<<"$(pooled "$@")"
+    [[ $reqs == 0 ]] && return 0
+    printf '  %-28s %7ss %9s %7s %8s %8s %8s %9s %10s\n' "$label" "$secs" "$reqs" "$errs" "$p50" "$p99" "$max" \
+        "$(ratio "$p99" "$base")" "$status"
+}
+p99_of() { local v; read -r _ _ _ _ v _ _ <<<"$(pooled "$@")"; echo "$v"; }
+idle_p99=$(p99_of idle)
+round_names() { local r; for r in $(seq "$rounds"); do echo "r$r-$1"; done; }
+rounds_idle_p99=$(p99_of $(round_names idle))
 echo
 printf 'contention: 1 CPU, %s memory; %s MiB database, %s req/s on GET /api/zmanim (30-row indexed join), %s threads\n' \
     "${PGBOX_MEMORY:-4G}" $(( db_size / 1048576 )) "$rate" "$threads"
-printf '  %-26s %8s %9s %7s %8s %8s %8s %9s %10s\n' phase time requests errors "p50 ms" "p99 ms" "max ms" "p99÷idle" "status ms"
-row idle idle
-row caretaker "caretaker backup"
-row no-controls "caretaker, no controls"
-row drill "caretaker drill"
-row restic "pg_dump | restic"
-row pgbench-plain "pgbench $pgbench_rate tps"
-[[ -n $archived ]] && row pgbench-archived "pgbench + WAL archiving"
-row idle-after "idle, at the end"
+printf '  %-28s %8s %9s %7s %8s %8s %8s %9s %10s\n' phase time requests errors "p50 ms" "p99 ms" "max ms" "p99÷idle" "status ms"
+row "idle" "$idle_p99" idle
+echo "  $rounds rounds, pooled (p99 ÷ the rounds' idle):"
+row "idle (rounds)" "$rounds_idle_p99" $(round_names idle)
+row "caretaker backup" "$rounds_idle_p99" $(round_names caretaker)
+row "caretaker, nice only" "$rounds_idle_p99" $(round_names nice)
+row "caretaker, no controls" "$rounds_idle_p99" $(round_names none)
+echo "  then (p99 ÷ the first idle):"
+row "caretaker drill" "$idle_p99" drill
+row "pg_dump | restic" "$idle_p99" restic
+row "pgbench $pgbench_rate tps" "$idle_p99" pgbench-plain
+[[ -n $archived ]] && row "pgbench + WAL archiving" "$idle_p99" pgbench-archived
+row "idle, at the end" "$idle_p99" idle-after
+echo "  each round's p99 ÷ its own idle p99 (backup as shipped / nice only / no controls):"
+for r in $(seq "$rounds"); do
+    i=$(p99_of "r$r-idle")
+    printf '    round %d: idle %s ms; %s / %s / %s\n' "$r" "$i" "$(ratio "$(p99_of "r$r-caretaker")" "$i")" \
+        "$(ratio "$(p99_of "r$r-nice")" "$i")" "$(ratio "$(p99_of "r$r-none")" "$i")"
+done
 echo "target: caretaker backup p99 ≤ 1.25 × idle p99, 0 errors"

@@ -53,7 +53,13 @@ fn producer(script: &str) -> tokio::process::Child {
 }
 
 fn cfg(encryption: Encryption) -> StreamConfig {
-    StreamConfig { part_size: 5 << 20, parts_in_flight: 2, zstd_level: 3, encryption }
+    StreamConfig {
+        part_size: 5 << 20,
+        parts_in_flight: 2,
+        zstd_level: 3,
+        encryption,
+        priority: caretaker::priority::Priority::NORMAL,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

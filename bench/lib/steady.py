@@ -9,7 +9,8 @@ schedule, each on its own keep-alive connection (as a load balancer's pool would
 connection is reopened on the next request.
 
 Prints one JSON line: requests, errors (non-200, refused, reset, timeout; by kind), p50, p90,
-p99 and max latency in ms, and the rate achieved."""
+p99 and max latency in ms, and the rate achieved; with STEADY_RAW=FILE, every successful
+request's latency into FILE too (one per line, ms) so percentiles can be pooled over runs."""
 import http.client, json, os, random, sys, threading, time
 
 host, port, rate, threads, stopfile = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -71,6 +72,10 @@ def pct(p):
     return round(lat[min(len(lat) - 1, int(len(lat) * p))], 2) if lat else None
 
 
+raw = os.environ.get("STEADY_RAW")
+if raw:  # every request's latency, one per line (ms), for percentiles pooled over runs
+    with open(raw, "w") as f:
+        f.write("".join("%.3f\n" % v for v in lat))
 print(json.dumps({
     "requests": len(lat) + sum(errors.values()), "errors": sum(errors.values()), "by_kind": errors,
     "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": round(lat[-1], 2) if lat else None,

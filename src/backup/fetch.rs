@@ -21,6 +21,7 @@ use super::digest::PlainDigest;
 use super::run::{BackupError, Manifest};
 use crate::aws::s3::{S3, S3Error};
 use crate::config::Config;
+use crate::priority::Priority;
 
 const CHUNK: usize = 256 << 10;
 
@@ -86,6 +87,9 @@ pub enum FetchError {
     Damaged(String),
     #[error("writing the restored data: {0}")]
     Sink(io::Error),
+    /// The decoder thread could not start, or panicked.
+    #[error("decoding: {0}")]
+    Thread(String),
 }
 
 /// age's errors in caretaker's own words. Never through age's `Display`: that goes through its
@@ -236,8 +240,28 @@ impl<'a> Expect<'a> {
 /// Streams `s3://bucket/key` through decryption and decompression into `sink`; `progress` gets
 /// (stored bytes, plaintext bytes) as it goes. The sink is flushed and shut down at the end.
 /// Nothing reaches the sink unless the object's age header hashes to `expect.header_sha256` (from
-/// the sealed manifest).
+/// the sealed manifest). The decoder runs at normal priority (what recovers the box); see
+/// [`fetch_into_at`].
 pub async fn fetch_into<W>(
+    s3: &S3,
+    bucket: &str,
+    key: &str,
+    expect: Expect<'_>,
+    decryption: Decryption,
+    sink: W,
+    progress: impl Fn(u64, u64) + Send,
+) -> Result<Fetched, FetchError>
+where
+    W: AsyncWrite + Unpin,
+{
+    fetch_into_at(Priority::NORMAL, s3, bucket, key, expect, decryption, sink, progress).await
+}
+
+/// [`fetch_into`] with the decoder thread (decryption, decompression, digests: most of the CPU)
+/// at `priority` — a drill's, `[jobs]`'s.
+#[allow(clippy::too_many_arguments)] // fetch_into's seven, and the priority
+pub async fn fetch_into_at<W>(
+    priority: Priority,
     s3: &S3,
     bucket: &str,
     key: &str,
@@ -275,7 +299,7 @@ where
         }
     });
 
-    let decoder = tokio::task::spawn_blocking(move || -> Result<Fetched, FetchError> {
+    let decoding = move || -> Result<Fetched, FetchError> {
         let mut reader = ChannelReader {
             rx: in_rx,
             buf: Bytes::new(),
@@ -315,7 +339,14 @@ where
             plain_bytes: plain_out.0,
             plain_digest: plain_out.1,
         })
-    });
+    };
+    let decoder = match crate::priority::spawn_thread_at(priority, "backup-decode", decoding) {
+        Ok(t) => t,
+        Err(e) => {
+            download.abort();
+            return Err(FetchError::Thread(format!("cannot start the decoder thread: {e}")));
+        }
+    };
 
     let mut written = 0u64;
     let mut sink_error = None;
@@ -328,7 +359,7 @@ where
         progress(0, written);
     }
     drop(out_rx);
-    let decoded = decoder.await.map_err(|e| FetchError::Damaged(format!("decoder thread: {e}")));
+    let decoded = decoder.join().await.map_err(FetchError::Thread);
     download.abort();
     if let Some(e) = sink_error {
         return Err(FetchError::Sink(e));

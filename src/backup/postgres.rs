@@ -183,10 +183,15 @@ pub async fn counts_with_dump(
 }
 
 /// Lowers the CPU priority of the PostgreSQL backends whose `application_name` is `app` (the
-/// one serving a backup's pg_dump) to `nice`, once they appear (within ~5 s); returns their pids.
+/// one serving a backup's pg_dump) to `p`, once they appear (within ~5 s); returns their pids
+/// with the priority the kernel then reports for each.
 /// The backends belong to the postgres user: this takes CAP_SYS_NICE (the daemon's unit has it).
-pub async fn lower_backends(target: &PgTarget, app: &str, nice: i32) -> Result<Vec<u32>, PgError> {
-    if nice <= 0 {
+pub async fn lower_backends(
+    target: &PgTarget,
+    app: &str,
+    p: crate::priority::Priority,
+) -> Result<Vec<(u32, Option<crate::priority::Priority>)>, PgError> {
+    if !p.lowers() {
         return Ok(vec![]);
     }
     let client = target.connect("postgres", Duration::from_secs(10)).await?;
@@ -200,12 +205,14 @@ pub async fn lower_backends(target: &PgTarget, app: &str, nice: i32) -> Result<V
             .filter_map(|r| u32::try_from(r.get::<_, i32>(0)).ok())
             .collect();
         if !pids.is_empty() {
-            for pid in &pids {
-                if let Err(e) = crate::priority::lower(*pid, nice) {
-                    tracing::warn!("cannot lower the priority of PostgreSQL backend {pid} ({app}): {e}");
+            let mut lowered = Vec::with_capacity(pids.len());
+            for pid in pids {
+                if let Err(e) = crate::priority::lower(pid, p) {
+                    tracing::warn!("cannot lower the priority of PostgreSQL backend {pid} ({app}) to {p}: {e}");
                 }
+                lowered.push((pid, crate::priority::Priority::of(pid).ok()));
             }
-            return Ok(pids);
+            return Ok(lowered);
         }
         tokio::time::sleep(Duration::from_millis(if attempt < 100 { 10 } else { 100 })).await;
     }
@@ -213,16 +220,17 @@ pub async fn lower_backends(target: &PgTarget, app: &str, nice: i32) -> Result<V
 }
 
 /// Runs `work` (a producer's stream: pg_dump's upload, pg_restore's load) while the PostgreSQL
-/// backends serving `tool` (application name `app`) are lowered to `nice` once they appear; work
-/// that ends sooner does not wait for them. Says in the journal what ran at which priority.
+/// backends serving `tool` (application name `app`) are lowered to `p` once they appear; work
+/// that ends sooner does not wait for them. Says in the journal what ran at which priority, as
+/// the kernel reported it.
 pub async fn while_lowered<F: std::future::Future>(
     target: &PgTarget,
     tool: &str,
     app: &str,
-    nice: i32,
+    p: crate::priority::Priority,
     work: F,
 ) -> F::Output {
-    let lowering = lower_backends(target, app, nice);
+    let lowering = lower_backends(target, app, p);
     tokio::pin!(work, lowering);
     let mut lowered = None;
     let out = loop {
@@ -232,12 +240,20 @@ pub async fn while_lowered<F: std::future::Future>(
         }
     };
     match lowered {
-        _ if nice <= 0 => {}
-        Some(Ok(pids)) if !pids.is_empty() => {
-            tracing::info!(nice, backends = ?pids, "{tool} and its PostgreSQL backend run at nice {nice}")
+        _ if !p.lowers() => {}
+        Some(Ok(backends)) if !backends.is_empty() => {
+            let pids: Vec<u32> = backends.iter().map(|(pid, _)| *pid).collect();
+            let seen: Vec<Option<crate::priority::Priority>> = backends.iter().map(|(_, s)| *s).collect();
+            if seen.iter().all(|s| *s == Some(p)) {
+                tracing::info!(backends = ?pids, "{tool} and its PostgreSQL backend run at {p}")
+            } else {
+                let seen: Vec<String> =
+                    seen.iter().map(|s| s.map_or_else(|| "gone".to_string(), |s| s.to_string())).collect();
+                tracing::info!(backends = ?pids, "{tool} runs at {p}, its PostgreSQL backend at {}", seen.join(", "))
+            }
         }
         Some(Err(e)) => tracing::warn!("cannot find {tool}'s PostgreSQL backend to lower its priority: {e}"),
-        _ => tracing::info!(nice, "{tool} ran at nice {nice} (done before its PostgreSQL backend was seen)"),
+        _ => tracing::info!("{tool} ran at {p} (done before its PostgreSQL backend was seen)"),
     }
     out
 }

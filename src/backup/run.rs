@@ -186,6 +186,7 @@ pub fn stream_config(cfg: &Config) -> Result<StreamConfig, BackupError> {
         parts_in_flight: b.parts_in_flight,
         zstd_level: b.zstd_level,
         encryption,
+        priority: cfg.jobs.priority(),
     })
 }
 
@@ -239,7 +240,7 @@ pub async fn backup(
             let app = format!("caretaker-backup-{id}");
             let mut cmd = target.tool("pg_dump").map_err(|e| BackupError::Setup(e.to_string()))?;
             cmd.args(pg_dump_args(&target, db, &snapshot.id)).env("PGAPPNAME", &app);
-            crate::priority::child_at(&mut cmd, cfg.jobs.nice);
+            crate::priority::child_at(&mut cmd, cfg.jobs.priority());
             let mut child = cmd.spawn().map_err(|e| BackupError::Setup(format!("cannot run pg_dump: {e}")))?;
             progress(format!("postgres: pg_dump of {db} streaming to s3://{bucket}/{data_key}"));
             let stdout = child.stdout.take().expect("piped");
@@ -251,7 +252,8 @@ pub async fn backup(
             let scan = std::sync::Arc::new(std::sync::Mutex::new(super::dump_scan::DumpScan::default()));
             let scanned = super::stream::Watched { inner: stdout, scan: scan.clone() };
             let uploading = upload(s3, &bucket, &data_key, scanned, stream_cfg.clone(), on_part);
-            let pending = super::postgres::while_lowered(&target, "pg_dump", &app, cfg.jobs.nice, uploading).await;
+            let pending =
+                super::postgres::while_lowered(&target, "pg_dump", &app, cfg.jobs.priority(), uploading).await;
             let status = child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_dump: {e}")))?;
             let stderr = err_task.await.unwrap_or_default();
             let pending = match pending {
@@ -315,19 +317,22 @@ pub async fn backup(
         Kind::Base => {
             let target = crate::pg::PgTarget::new(&cfg.services.postgres);
             let facts = super::base::before(&target).await.map_err(BackupError::Setup)?;
-            let mut child = target
-                .tool("pg_basebackup")
-                .map_err(|e| BackupError::Setup(e.to_string()))?
-                .args(super::base::args(&target, &id))
-                .spawn()
-                .map_err(|e| BackupError::Setup(format!("cannot run pg_basebackup: {e}")))?;
+            // pg_basebackup and the WAL sender reading the cluster for it run at `[jobs]`'s
+            // priority, as a dump does.
+            let app = format!("caretaker-base-{id}");
+            let mut cmd = target.tool("pg_basebackup").map_err(|e| BackupError::Setup(e.to_string()))?;
+            cmd.args(super::base::args(&target, &id)).env("PGAPPNAME", &app);
+            crate::priority::child_at(&mut cmd, cfg.jobs.priority());
+            let mut child = cmd.spawn().map_err(|e| BackupError::Setup(format!("cannot run pg_basebackup: {e}")))?;
             progress(format!("base: pg_basebackup streaming to s3://{bucket}/{data_key}"));
             let stdout = child.stdout.take().expect("piped");
             crate::fsutil::grow_pipe(&stdout);
             let err_task = crate::pg::collect_stderr(child.stderr.take());
             let scan = std::sync::Arc::new(std::sync::Mutex::new(super::base::TarScan::default()));
             let watched = super::stream::Watched { inner: stdout, scan: scan.clone() };
-            let pending = upload(s3, &bucket, &data_key, watched, stream_cfg.clone(), on_part).await;
+            let uploading = upload(s3, &bucket, &data_key, watched, stream_cfg.clone(), on_part);
+            let pending =
+                super::postgres::while_lowered(&target, "pg_basebackup", &app, cfg.jobs.priority(), uploading).await;
             let status =
                 child.wait().await.map_err(|e| BackupError::Setup(format!("waiting for pg_basebackup: {e}")))?;
             let stderr = err_task.await.unwrap_or_default();

@@ -80,6 +80,8 @@ pub struct StreamConfig {
     pub parts_in_flight: usize,
     pub zstd_level: i32,
     pub encryption: Encryption,
+    /// The encoder thread's priority (`[jobs]`): it does most of a backup's CPU work.
+    pub priority: crate::priority::Priority,
 }
 
 impl StreamConfig {
@@ -216,7 +218,7 @@ where
 
     // Encoder thread: plaintext chunks in, parts out.
     let enc_cfg = cfg.clone();
-    let encoder = tokio::task::spawn_blocking(move || -> Result<(u64, String, String), String> {
+    let encoding = move || -> Result<(u64, String, String), String> {
         let parts = PartWriter {
             tx: part_tx,
             cfg: enc_cfg.clone(),
@@ -239,7 +241,15 @@ where
         let header = parts.header_sha256.take().unwrap_or_default();
         let stored_sha = hex::encode(parts.hash.finalize());
         Ok((parts.total, stored_sha, header))
-    });
+    };
+    // Its own thread (never reused) at `[jobs]`'s priority: most of a backup's CPU is here.
+    let encoder = match crate::priority::spawn_thread_at(cfg.priority, "backup-encode", encoding) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = s3.abort_multipart(bucket, key, &upload_id).await;
+            return Err(StreamError::Encode(format!("cannot start the encoder thread: {e}")));
+        }
+    };
 
     // Reader: the producer's output in full chunks (read into uninitialised capacity: no zeroing),
     // hashed (XXH3: ~40 µs a chunk) and handed to the encoder.
@@ -336,7 +346,7 @@ where
         }
     }
     let read = reader.await.map_err(|e| StreamError::Encode(e.to_string()));
-    let encoded = encoder.await.map_err(|e| StreamError::Encode(e.to_string()));
+    let encoded = encoder.join().await.map_err(StreamError::Encode);
     let result = match (failure, read, encoded) {
         (Some(f), _, _) => Err(f),
         (None, Err(e), _) | (None, _, Err(e)) => Err(e),
@@ -428,6 +438,7 @@ mod tests {
             parts_in_flight: inflight,
             zstd_level: 3,
             encryption: Encryption::Recipients(vec![age::x25519::Identity::generate().to_public()]),
+            priority: crate::priority::Priority::NORMAL,
         }
     }
 

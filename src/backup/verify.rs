@@ -146,7 +146,7 @@ async fn load_into(
         .env("PGAPPNAME", &app)
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    crate::priority::child_at(&mut cmd, cfg.jobs.nice);
+    crate::priority::child_at(&mut cmd, cfg.jobs.priority());
     let mut child = cmd.spawn().map_err(|e| VerifyError::PgRestore(format!("cannot run pg_restore: {e}")))?;
     let stdin = child.stdin.take().expect("piped");
     crate::fsutil::grow_pipe(&stdin);
@@ -158,7 +158,8 @@ async fn load_into(
     ));
     let total = m.plain_bytes;
     let last = std::sync::Mutex::new((Instant::now(), 0u64));
-    let fetching = fetch::fetch_into(s3, &bucket, &key, fetch::Expect::of(m), decryption, stdin, |_, plain| {
+    let (expect, priority) = (fetch::Expect::of(m), cfg.jobs.priority());
+    let fetching = fetch::fetch_into_at(priority, s3, &bucket, &key, expect, decryption, stdin, |_, plain| {
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         if (last.0.elapsed() < Duration::from_secs(2) && plain < total) || plain == last.1 {
             return;
@@ -171,7 +172,7 @@ async fn load_into(
             crate::units::human_rate(plain, started.elapsed())
         ))
     });
-    let fetched = super::postgres::while_lowered(&target, "pg_restore", &app, cfg.jobs.nice, fetching).await;
+    let fetched = super::postgres::while_lowered(&target, "pg_restore", &app, cfg.jobs.priority(), fetching).await;
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
@@ -430,7 +431,7 @@ pub async fn verify_with(
                     loaded.tables.len(),
                     loaded.tables.values().map(|(e, _)| e).sum::<i64>()
                 ));
-                report.checks.push("stored and plaintext SHA-256 equal to the manifest".into());
+                report.checks.push(format!("stored SHA-256 and plaintext {} equal to the manifest", m.plain_digest().0.name()));
                 report.fetched = Some(loaded.fetched);
                 report.tables = loaded.tables;
             }
@@ -447,7 +448,7 @@ pub async fn verify_with(
                 if !problems.is_empty() {
                     return Err(VerifyError::Mismatch(problems));
                 }
-                report.checks.push("stored and plaintext SHA-256 equal to the manifest; an RDB file".into());
+                report.checks.push(format!("stored SHA-256 and plaintext {} equal to the manifest; an RDB file", m.plain_digest().0.name()));
                 report.fetched = Some(fetched);
             }
             Kind::Base => {

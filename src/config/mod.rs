@@ -409,6 +409,11 @@ pub struct JobsConfig {
     /// (its autogroup: how the kernel shares the CPU between sessions outside cgroup weights)
     /// runs at this nice value too.
     pub nice: i32,
+    /// `SCHED_IDLE` for the same processes (pg_dump, pg_restore, pg_basebackup and the PostgreSQL
+    /// backends serving them) and for the daemon's encoder/decoder thread of a backup or drill:
+    /// they run only when nothing else wants the CPU, and a waking API request or query
+    /// preempts them at once instead of waiting out their time slice.
+    pub sched_idle: bool,
     /// caretaker.service's `CPUWeight=` (1–10000; systemd's default is 100), set by the daemon at
     /// start and on reload: the share of a contended CPU its work (compression, encryption,
     /// pg_dump, WAL archiving) gets beside PostgreSQL's and the API's 100 each.
@@ -421,7 +426,14 @@ pub struct JobsConfig {
 impl Default for JobsConfig {
     fn default() -> Self {
         // 10 of 100: the share nice 10 gives beside nice 0 (110 of 1024).
-        JobsConfig { nice: 10, cpu_weight: 10, io_weight: 10 }
+        JobsConfig { nice: 10, sched_idle: true, cpu_weight: 10, io_weight: 10 }
+    }
+}
+
+impl JobsConfig {
+    /// The priority of a job's heavy processes and threads.
+    pub fn priority(&self) -> crate::priority::Priority {
+        crate::priority::Priority { nice: self.nice, idle: self.sched_idle }
     }
 }
 
