@@ -43,8 +43,7 @@ impl Priority {
         if policy < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let nice = if pid == 0 { nice_of_thread()? } else { nice_of(pid)? };
-        Ok(Priority { nice, idle: policy == libc::SCHED_IDLE })
+        Ok(Priority { nice: task_nice(pid)?, idle: policy == libc::SCHED_IDLE })
     }
 }
 
@@ -62,9 +61,9 @@ pub fn nice_of(pid: u32) -> std::io::Result<i32> {
     stat_nice(&format!("/proc/{pid}/stat"))
 }
 
-/// The calling thread's nice value.
-fn nice_of_thread() -> std::io::Result<i32> {
-    stat_nice("/proc/thread-self/stat")
+/// Task `pid`'s nice value; `pid` 0: the calling thread's.
+fn task_nice(pid: u32) -> std::io::Result<i32> {
+    if pid == 0 { stat_nice("/proc/thread-self/stat") } else { nice_of(pid) }
 }
 
 fn stat_nice(path: &str) -> std::io::Result<i32> {
@@ -81,8 +80,7 @@ fn stat_nice(path: &str) -> std::io::Result<i32> {
 /// lowered), and its policy becomes `SCHED_IDLE` if `p.idle`. Another user's process needs
 /// CAP_SYS_NICE. `pid` 0 is the calling thread.
 pub fn lower(pid: u32, p: Priority) -> std::io::Result<()> {
-    let current = if pid == 0 { nice_of_thread()? } else { nice_of(pid)? };
-    if p.nice > current {
+    if p.nice > task_nice(pid)? {
         // SAFETY: setpriority has no memory effects; `pid` names one task.
         let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS as _, pid as _, p.nice) };
         if rc != 0 {
@@ -104,6 +102,7 @@ fn set_idle(pid: libc::pid_t) -> std::io::Result<()> {
     }
     Ok(())
 }
+
 /// Sets the nice value of this process's autogroup (`/proc/self/autogroup`): where the kernel
 /// shares the CPU between sessions (tasks outside any cpu cgroup, with
 /// `kernel.sched_autogroup_enabled`), a process's own nice value only ranks it among its session,
@@ -230,7 +229,7 @@ mod tests {
         let before = Priority::of(0).unwrap();
         let seen = spawn_thread_at(Priority { nice: 9, idle: true }, "prio-test", || {
             let tid = unsafe { libc::gettid() } as u32;
-            (Priority::of(0).unwrap(), nice_of_thread().unwrap(), tid)
+            (Priority::of(0).unwrap(), task_nice(0).unwrap(), tid)
         })
         .unwrap()
         .join()

@@ -243,12 +243,11 @@ pub async fn while_lowered<F: std::future::Future>(
         _ if !p.lowers() => {}
         Some(Ok(backends)) if !backends.is_empty() => {
             let pids: Vec<u32> = backends.iter().map(|(pid, _)| *pid).collect();
-            let seen: Vec<Option<crate::priority::Priority>> = backends.iter().map(|(_, s)| *s).collect();
-            if seen.iter().all(|s| *s == Some(p)) {
+            if backends.iter().all(|(_, seen)| *seen == Some(p)) {
                 tracing::info!(backends = ?pids, "{tool} and its PostgreSQL backend run at {p}")
             } else {
                 let seen: Vec<String> =
-                    seen.iter().map(|s| s.map_or_else(|| "gone".to_string(), |s| s.to_string())).collect();
+                    backends.iter().map(|(_, s)| s.map_or_else(|| "gone".to_string(), |s| s.to_string())).collect();
                 tracing::info!(backends = ?pids, "{tool} runs at {p}, its PostgreSQL backend at {}", seen.join(", "))
             }
         }
